@@ -1,0 +1,34 @@
+# Two commands do all the set-up:  make train  (set up, then run train.py)
+#                                  make test   (set up, then run the whole test suite)
+# Both create .venv, install requirements.txt and build the Cython extension, each only when
+# its inputs changed, so the second call starts at once. Pass script flags with ARGS="...".
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+BUILT := .im2col_built
+
+.PHONY: setup train test bench clean
+
+setup: $(BUILT)
+
+$(INSTALLED): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(BUILT): $(INSTALLED) im2col_cython.pyx setup_cython.py
+	$(PY) setup_cython.py build_ext --inplace --quiet
+	touch $@
+
+train: setup
+	$(PY) train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+bench: setup
+	$(PY) bench_layers.py $(ARGS)
+
+clean:
+	rm -rf build im2col_cython.c im2col_cython*.so $(BUILT)
