@@ -1,0 +1,96 @@
+"""Shared fixtures: the repository on sys.path, tiny synthetic data sets in the real file formats,
+and the real data sets for tests marked `integration`."""
+import gzip
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.environ.get('DATA_DIR', os.path.join(ROOT, '..', 'shared', 'data'))
+
+
+def write_idx(path, array, compress=None):
+    """Writes a uint8 array as an IDX file (gzipped when the path ends in .gz)."""
+    header = bytes([0, 0, 8, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'wb') as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_cifar_batch(path, images, labels):
+    """A batch file as CIFAR-10's python version has it: a pickled dict, 'data' (N, 3072) uint8, 'labels' list."""
+    with open(path, 'wb') as f:
+        pickle.dump({b'batch_label': b'synthetic', b'data': images.reshape(len(images), -1).astype(np.uint8),
+                     b'labels': [int(y) for y in labels]}, f, protocol=2)
+
+
+def make_synthetic_mnist(root, num_train=200, num_test=50, gz=True, seed=0):
+    """Digits drawn as class-dependent bright bars on noise, so a net can learn them quickly."""
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, 'MNIST', 'raw')
+    os.makedirs(raw, exist_ok=True)
+    suffix = '.gz' if gz else ''
+    for prefix, count in (('train', num_train), ('t10k', num_test)):
+        labels = rng.integers(0, 10, count).astype(np.uint8)
+        images = rng.integers(0, 60, (count, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 2 + 2 * label:4 + 2 * label, 4:24] = 255
+        write_idx(os.path.join(raw, f'{prefix}-images-idx3-ubyte{suffix}'), images)
+        write_idx(os.path.join(raw, f'{prefix}-labels-idx1-ubyte{suffix}'), labels)
+    return root
+
+
+def make_synthetic_cifar(root, per_batch=40, seed=0):
+    """Five training batches and a test batch of `per_batch` images; class = the brightest channel/region."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, 'cifar-10-batches-py')
+    os.makedirs(folder, exist_ok=True)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        labels = rng.integers(0, 10, per_batch)
+        images = rng.integers(0, 80, (per_batch, 3, 32, 32)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            images[i, label % 3, 3 * label:3 * label + 3, :] = 255
+        write_cifar_batch(os.path.join(folder, name), images, labels)
+    with open(os.path.join(folder, 'batches.meta'), 'wb') as f:
+        pickle.dump({b'label_names': [b'airplane', b'automobile', b'bird', b'cat', b'deer', b'dog', b'frog',
+                                      b'horse', b'ship', b'truck'], b'num_cases_per_batch': per_batch}, f, protocol=2)
+    return root
+
+
+@pytest.fixture
+def synthetic_mnist(tmp_path):
+    return make_synthetic_mnist(str(tmp_path / 'data'))
+
+
+@pytest.fixture
+def synthetic_cifar(tmp_path):
+    return make_synthetic_cifar(str(tmp_path / 'data'))
+
+
+def _require_shared(path):
+    if not os.path.exists(path):
+        if os.environ.get('CI'):
+            pytest.fail(f"CI needs the real data at {path}")
+        pytest.skip(f"real data not found at {path}")
+
+
+@pytest.fixture(scope='session')
+def mnist_dir():
+    """The real MNIST (../shared/data or $DATA_DIR)."""
+    _require_shared(os.path.join(SHARED_DATA, 'MNIST', 'raw'))
+    return SHARED_DATA
+
+
+@pytest.fixture(scope='session')
+def cifar_dir(tmp_path_factory):
+    """The CIFAR-10 JPEG stand-in, written once per session by make_batches.py into a temporary folder."""
+    script = os.path.join(SHARED_DATA, 'cifar-10-jpeg', 'make_batches.py')
+    _require_shared(script)
+    out = tmp_path_factory.mktemp('cifar')
+    subprocess.run([sys.executable, script, str(out)], check=True, capture_output=True)
+    return str(out)
