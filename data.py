@@ -6,6 +6,7 @@ CIFAR-10  <data_dir>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.met
 Missing files are downloaded when a network exists; otherwise a DataError says
 which files to put where. Every malformed file gives a DataError naming it.
 """
+import codecs
 import gzip
 import hashlib
 import os
@@ -140,6 +141,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     ALLOWED = {
         ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
         ('numpy', 'ndarray'), ('numpy', 'dtype'),
+        ('_codecs', 'encode'),  # how Python 3 writes bytes at protocol 2 (re-pickled batches)
     }
 
     def find_class(self, module, name):
@@ -147,6 +149,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if name == '_reconstruct':
             return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, without importing numpy.core
+        if module == '_codecs':
+            return codecs.encode
         return getattr(np, name)
 
 
