@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+import layers
 import plots
 
 
@@ -80,3 +81,31 @@ def load_params(net, path):
             if saved[key].shape != param.shape:
                 raise ValueError(f"{path}: {key!r} has shape {saved[key].shape}, the net needs {param.shape}")
             param[...] = saved[key]
+
+
+def lab_mnist_net(batch_size=50, dtype=np.float32):
+    """The lab's MNIST net (tasks 1-3) and its loss:
+
+    conv1 16x5x5 SAME -> pool1 2x2 -> relu1 -> conv2 32x5x5 SAME -> pool2 2x2 -> relu2
+    -> flatten3 -> fc3 512 -> relu3 -> logits 10, softmax cross-entropy.
+    Initial weights come from NumPy's global RNG (seed it first).
+    """
+    example_input = np.zeros((batch_size, 1, 28, 28), dtype=dtype)
+    net = [layers.Convolution(example_input, 16, 5, 'conv1')]
+    net += [layers.MaxPooling(net[-1], 'pool1')]
+    net += [layers.ReLU(net[-1], 'relu1')]
+    net += [layers.Convolution(net[-1], 32, 5, 'conv2')]
+    net += [layers.MaxPooling(net[-1], 'pool2')]
+    net += [layers.ReLU(net[-1], 'relu2')]
+    net += [layers.Flatten(net[-1], 'flatten3')]
+    net += [layers.FC(net[-1], 512, 'fc3')]
+    net += [layers.ReLU(net[-1], 'relu3')]
+    net += [layers.FC(net[-1], 10, 'logits')]
+    return net, layers.SoftmaxCrossEntropyWithLogits()
+
+
+def l2_regularized(net, data_loss, weight_decay, layer_names=('conv1', 'conv2', 'fc3')):
+    """Task 2's loss: data_loss + (weight_decay/2) * ||w||^2 over the weights (not biases) of the named layers."""
+    regularizers = [layers.L2Regularizer(layer.weights, weight_decay, f'{layer.name}_l2reg')
+                    for layer in net if layer.name in layer_names]
+    return layers.RegularizedLoss(data_loss, regularizers)
