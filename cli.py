@@ -103,3 +103,48 @@ def run(main):
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+
+
+# ----------------------------------------------------------------------------- MNIST training flags (tasks 1-3)
+
+LAB_LR_POLICY = '1:0.1,3:0.01,5:0.001,7:0.0001'
+LAB_SWEEP = [1e-3, 1e-2, 1e-1]
+
+
+def parse_lr_policy(text):
+    """'1:0.1,3:0.01' -> {1: 0.1, 3: 0.01}: each learning rate holds from its epoch until the next entry."""
+    policy = {}
+    try:
+        for item in text.split(','):
+            epoch, lr = item.split(':')
+            policy[int(epoch)] = float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not of the form 'epoch:lr,epoch:lr,...', e.g. {LAB_LR_POLICY}")
+    if 1 not in policy:
+        raise argparse.ArgumentTypeError(f"{text!r} must give a learning rate for epoch 1")
+    if min(policy) < 1 or not all(lr > 0 and np.isfinite(lr) for lr in policy.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: epochs must be >= 1 and learning rates positive")
+    return dict(sorted(policy.items()))
+
+
+def lr_at(policy, epoch):
+    """The learning rate of `epoch` (1-based) under a policy from parse_lr_policy."""
+    return policy[max(start for start in policy if start <= epoch)]
+
+
+def add_mnist_training_args(parser, dtype='float32', weight_decay=None):
+    """The lab's MNIST training configuration, shared by train.py, train_l2reg.py and train_pytorch.py."""
+    parser.add_argument('--epochs', type=positive_int, default=8, help='number of epochs (default: 8)')
+    parser.add_argument('--batch-size', type=positive_int, default=50, help='mini-batch size (default: 50)')
+    parser.add_argument('--lr-policy', type=parse_lr_policy, default=parse_lr_policy(LAB_LR_POLICY),
+                        help=f"SGD learning rate per epoch as 'epoch:lr,...' (default: {LAB_LR_POLICY})")
+    parser.add_argument('--dtype', choices=['float32', 'float64'], default=dtype, help=f'(default: {dtype})')
+    parser.add_argument('--limit', type=positive_int, default=None,
+                        help='train on the first N training images only (quick runs)')
+    parser.add_argument('--no-shuffle', action='store_true',
+                        help='fixed data order: the same batches in every epoch and in every framework')
+    if weight_decay is not None:
+        parser.add_argument('--weight-decay', type=non_negative_float, default=weight_decay,
+                            help=f'L2 lambda on the conv1, conv2 and fc3 weights (default: {weight_decay})')
+        parser.add_argument('--sweep', type=non_negative_float, nargs='*', default=None,
+                            help=f'train one model per lambda and compare them (no values: the lab\'s {LAB_SWEEP})')
