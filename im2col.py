@@ -51,10 +51,12 @@ def col2im_numpy(cols, N, C, H, W, field_height, field_width, padding, stride):
 
 
 try:
+    import im2col_cython as kernels   # also holds the max-pooling kernels layers.MaxPooling uses
     from im2col_cython import col2im_cython as col2im, im2col_cython as im2col
     HAVE_CYTHON = True
 except ImportError:
     print(f"warning: im2col_cython is not built, using the slow NumPy im2col; build it with: {BUILD_COMMAND}",
           file=sys.stderr)
+    kernels = None
     im2col, col2im = im2col_numpy, col2im_numpy
     HAVE_CYTHON = False

@@ -12,13 +12,20 @@ row, output column) with the image slowest, so each image owns one contiguous
 block of every row: the batch can be split between threads with no two threads
 touching the same cache line, and col2im needs no atomics.
 Padding is handled by index arithmetic; no padded copy of x is made.
+
+THREADS: every kernel takes num_threads, default 1. The GEMMs around these
+kernels run on OpenBLAS's own thread pool, and OpenMP's worker threads keep
+spinning for a while after each parallel loop: with both pools on a 2-core
+laptop they steal each other's cores and a training step of the lab net took
+~10x longer (measured with bench_layers.py). Copying memory is cheap next to the
+GEMMs, so the cores go to OpenBLAS. num_threads=0 means "as OpenMP chooses".
 """
 import numpy as np
 
 cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 
 def output_size(int size, int field, int padding, int stride):
@@ -30,49 +37,67 @@ def output_size(int size, int field, int padding, int stride):
     return (size + 2 * padding - field) // stride + 1
 
 
+cdef inline void _valid_range(Py_ssize_t size, int offset, int stride, Py_ssize_t out_size,
+                              Py_ssize_t *lo, Py_ssize_t *hi) noexcept nogil:
+    """The outputs o in [lo, hi) whose input pixel o * stride + offset lies inside [0, size)."""
+    cdef Py_ssize_t first = 0 if offset >= 0 else (-offset + stride - 1) // stride
+    cdef Py_ssize_t last = size - 1 - offset  # o * stride <= last
+    hi[0] = 0 if last < 0 else min(out_size, last // stride + 1)
+    lo[0] = min(first, hi[0])
+
+
 cdef void _im2col_image(const floating[:, :, :, ::1] x, floating[:, ::1] cols, Py_ssize_t n,
                         int field_height, int field_width, int padding, int stride,
                         Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
     cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t c, i, j, y, xo, row, col0, yi, xi
+    cdef Py_ssize_t c, i, j, y, xo, yi, lo, hi
+    cdef floating *dst
+    cdef const floating *src
     for c in range(C):
         for i in range(field_height):
             for j in range(field_width):
-                row = (c * field_height + i) * field_width + j
+                # Output columns lo..hi-1 read inside the image; the rest read the zero padding.
+                _valid_range(W, j - padding, stride, out_w, &lo, &hi)
                 for y in range(out_h):
-                    col0 = (n * out_h + y) * out_w
+                    dst = &cols[(c * field_height + i) * field_width + j, (n * out_h + y) * out_w]
                     yi = y * stride + i - padding
                     if yi < 0 or yi >= H:
-                        for xo in range(out_w):
-                            cols[row, col0 + xo] = 0
+                        memset(dst, 0, out_w * sizeof(floating))
                         continue
-                    for xo in range(out_w):
-                        xi = xo * stride + j - padding
-                        if 0 <= xi < W:
-                            cols[row, col0 + xo] = x[n, c, yi, xi]
-                        else:
-                            cols[row, col0 + xo] = 0
+                    src = &x[n, c, yi, 0]   # column xo reads src[xo * stride + j - padding]
+                    memset(dst, 0, lo * sizeof(floating))
+                    if stride == 1:
+                        memcpy(dst + lo, src + lo + j - padding, (hi - lo) * sizeof(floating))
+                    else:
+                        for xo in range(lo, hi):
+                            dst[xo] = src[xo * stride + j - padding]
+                    memset(dst + hi, 0, (out_w - hi) * sizeof(floating))
 
 
 cdef void _col2im_image(const floating[:, ::1] cols, floating[:, :, :, ::1] dx, Py_ssize_t n,
                         int field_height, int field_width, int padding, int stride,
                         Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
     cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3]
-    cdef Py_ssize_t c, i, j, y, xo, row, col0, yi, xi
+    cdef Py_ssize_t c, i, j, y, xo, yi, lo, hi
+    cdef floating *dst
+    cdef const floating *src
     memset(&dx[n, 0, 0, 0], 0, C * H * W * sizeof(floating))
     for c in range(C):
         for i in range(field_height):
             for j in range(field_width):
-                row = (c * field_height + i) * field_width + j
+                _valid_range(W, j - padding, stride, out_w, &lo, &hi)
                 for y in range(out_h):
                     yi = y * stride + i - padding
-                    if yi < 0 or yi >= H:
+                    if yi < 0 or yi >= H or hi <= lo:
                         continue
-                    col0 = (n * out_h + y) * out_w
-                    for xo in range(out_w):
-                        xi = xo * stride + j - padding
-                        if 0 <= xi < W:
-                            dx[n, c, yi, xi] += cols[row, col0 + xo]
+                    src = &cols[(c * field_height + i) * field_width + j, (n * out_h + y) * out_w]
+                    dst = &dx[n, c, yi, j - padding + lo * stride]
+                    if stride == 1:
+                        for xo in range(hi - lo):
+                            dst[xo] += src[lo + xo]
+                    else:
+                        for xo in range(hi - lo):
+                            dst[xo * stride] += src[lo + xo]
 
 
 def _im2col_fill(const floating[:, :, :, ::1] x, floating[:, ::1] cols,
@@ -91,10 +116,10 @@ def _col2im_fill(const floating[:, ::1] cols, floating[:, :, :, ::1] dx,
         _col2im_image(cols, dx, n, field_height, field_width, padding, stride, out_h, out_w)
 
 
-def im2col_cython(x, int field_height, int field_width, int padding, int stride, int num_threads=0):
+def im2col_cython(x, int field_height, int field_width, int padding, int stride, int num_threads=1):
     """(N, C, H, W) -> cols (C*fh*fw, N*out_h*out_w), same dtype as x.
 
-    num_threads=0 lets OpenMP choose (OMP_NUM_THREADS or all cores).
+    num_threads=0 lets OpenMP choose (OMP_NUM_THREADS or all cores); see THREADS below.
     """
     x = np.ascontiguousarray(x)
     if x.ndim != 4 or x.dtype not in (np.float32, np.float64):
@@ -109,7 +134,7 @@ def im2col_cython(x, int field_height, int field_width, int padding, int stride,
 
 
 def col2im_cython(cols, int N, int C, int H, int W, int field_height, int field_width,
-                  int padding, int stride, int num_threads=0):
+                  int padding, int stride, int num_threads=1):
     """Adjoint of im2col: sums every column entry back onto its pixel -> (N, C, H, W)."""
     cols = np.ascontiguousarray(cols)
     out_h = output_size(H, field_height, padding, stride)
@@ -120,6 +145,69 @@ def col2im_cython(cols, int N, int C, int H, int W, int field_height, int field_
     dx = np.empty((N, C, H, W), dtype=cols.dtype)
     _col2im_fill(cols, dx, field_height, field_width, padding, stride, out_h, out_w,
                  num_threads if num_threads > 0 else _default_threads())
+    return dx
+
+
+cdef void _max_pool_plane(const floating[:, :, ::1] x, floating[:, :, ::1] out, int[:, :, ::1] argmax,
+                          Py_ssize_t plane, int pool_size, int stride) noexcept nogil:
+    cdef Py_ssize_t W = x.shape[2], y, xo, i, j, best_index, index
+    cdef floating best
+    for y in range(out.shape[1]):
+        for xo in range(out.shape[2]):
+            best_index = (y * stride) * W + xo * stride
+            best = x[plane, y * stride, xo * stride]
+            for i in range(pool_size):
+                for j in range(pool_size):
+                    index = (y * stride + i) * W + xo * stride + j
+                    if x[plane, y * stride + i, xo * stride + j] > best:  # '>' keeps the first maximum
+                        best = x[plane, y * stride + i, xo * stride + j]
+                        best_index = index
+            out[plane, y, xo] = best
+            argmax[plane, y, xo] = <int>best_index
+
+
+def _max_pool_fill(const floating[:, :, ::1] x, floating[:, :, ::1] out, int[:, :, ::1] argmax,
+                   int pool_size, int stride, int num_threads):
+    cdef Py_ssize_t plane
+    for plane in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+        _max_pool_plane(x, out, argmax, plane, pool_size, stride)
+
+
+def _max_pool_backward_fill(const floating[:, ::1] grad_out, const int[:, ::1] argmax, floating[:, ::1] dx,
+                            int num_threads):
+    cdef Py_ssize_t plane, k
+    for plane in prange(dx.shape[0], nogil=True, schedule='static', num_threads=num_threads):
+        memset(&dx[plane, 0], 0, dx.shape[1] * sizeof(floating))
+        for k in range(grad_out.shape[1]):
+            dx[plane, argmax[plane, k]] += grad_out[plane, k]   # '+=': overlapping windows share pixels
+
+
+def max_pool_forward(x, int pool_size, int stride, int num_threads=1):
+    """(N, C, H, W) -> out (N, C, H', W') and argmax (N, C, H', W') int32.
+
+    argmax holds, for each window, the flat index y * W + x within its (H, W) plane of
+    the window's first maximum in row-major order (PyTorch's choice).
+    """
+    x = np.ascontiguousarray(x)
+    N, C, H, W = x.shape
+    out_h = output_size(H, pool_size, 0, stride)
+    out_w = output_size(W, pool_size, 0, stride)
+    out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
+    argmax = np.empty((N, C, out_h, out_w), dtype=np.int32)
+    _max_pool_fill(x.reshape(N * C, H, W), out.reshape(N * C, out_h, out_w), argmax.reshape(N * C, out_h, out_w),
+                   pool_size, stride, num_threads if num_threads > 0 else _default_threads())
+    return out, argmax
+
+
+def max_pool_backward(grad_out, argmax, int H, int W, int num_threads=1):
+    """Routes each window's gradient to its maximum: (N, C, H', W') -> (N, C, H, W)."""
+    grad_out = np.ascontiguousarray(grad_out)
+    N, C, out_h, out_w = grad_out.shape
+    if argmax.shape != grad_out.shape or argmax.dtype != np.int32:
+        raise ValueError(f"argmax must be int32 of shape {grad_out.shape}, got {argmax.dtype} {argmax.shape}")
+    dx = np.empty((N, C, H, W), dtype=grad_out.dtype)
+    _max_pool_backward_fill(grad_out.reshape(N * C, out_h * out_w), argmax.reshape(N * C, out_h * out_w),
+                            dx.reshape(N * C, H * W), num_threads if num_threads > 0 else _default_threads())
     return dx
 
 

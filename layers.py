@@ -15,6 +15,7 @@ inputs of another dtype or shape with a ValueError naming the layer.
 """
 import numpy as np
 
+import im2col as im2col_module
 from im2col import col2im, im2col, output_size
 
 
@@ -119,7 +120,9 @@ class Convolution(Layer):
         return col2im(grad_cols, N, C, H, W, k, k, self.pad, self.stride)
 
     def backward_params(self, grad_out):
-        grad_weights = self._grad_rows(grad_out) @ self.x_cols.T
+        # x_cols @ grad_rows.T is grad_rows @ x_cols.T transposed; BLAS runs this orientation
+        # faster because both operands are read along their contiguous rows.
+        grad_weights = np.ascontiguousarray((self.x_cols @ self._grad_rows(grad_out).T).T)
         grad_bias = grad_out.sum(axis=(0, 2, 3))
         return [[self.weights, grad_weights], [self.bias, grad_bias], self.name]
 
@@ -142,6 +145,23 @@ class MaxPooling(Layer):
         # Non-overlapping windows that tile the input exactly are a reshape, not a gather.
         self.tiles = pool_size == stride and H % pool_size == 0 and W % pool_size == 0
 
+    # The Cython kernels (one pass over the input, argmax as an index into the (H, W) plane)
+    # are ~10x faster than the NumPy reference below; tests check that both agree.
+    use_cython = im2col_module.HAVE_CYTHON
+
+    def forward(self, x):
+        self._check_input(x)
+        if self.use_cython:
+            out, self.argmax = im2col_module.kernels.max_pool_forward(x, self.pool_size, self.stride)
+            return out
+        return self._forward_numpy(x)
+
+    def backward_inputs(self, grad_out):
+        if self.use_cython:
+            _, _, H, W = self.input_shape
+            return im2col_module.kernels.max_pool_backward(grad_out, self.argmax, H, W)
+        return self._backward_numpy(grad_out)
+
     def _windows(self, x):
         """(N, C, H, W) -> (N, C, H', W', pool*pool)."""
         p, s = self.pool_size, self.stride
@@ -153,13 +173,12 @@ class MaxPooling(Layer):
             windows = windows[:, :, ::s, ::s][:, :, :out_h, :out_w]
         return windows.reshape(N, C, out_h, out_w, p * p)
 
-    def forward(self, x):
-        self._check_input(x)
+    def _forward_numpy(self, x):
         windows = self._windows(x)
-        self.argmax = windows.argmax(axis=-1)[..., None]  # kept for backward
+        self.argmax = windows.argmax(axis=-1)[..., None]  # index within the window, kept for backward
         return np.take_along_axis(windows, self.argmax, axis=-1)[..., 0]
 
-    def backward_inputs(self, grad_out):
+    def _backward_numpy(self, grad_out):
         p, s = self.pool_size, self.stride
         N, C, out_h, out_w = grad_out.shape
         grad_windows = np.zeros((N, C, out_h, out_w, p * p), dtype=grad_out.dtype)
