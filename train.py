@@ -1,0 +1,101 @@
+"""Task 1: the lab's conv-net on MNIST, trained with the hand-written NumPy framework.
+
+    python train.py                    # the lab's run: 8 epochs of SGD, batch 50, lr 0.1 decaying 10x every 2 epochs
+    python train.py --summary-only     # the model questions: shapes, parameters, receptive fields, memory
+    python train.py --limit 2000 --epochs 2   # a quick look
+
+Writes into <save-dir>/<run-name>/: conv1's filters as PNGs while it learns, training_plot.png,
+init_weights.npz, weights.npz and results.json.
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+
+import cli
+import data
+import nn
+
+SCRIPT = 'train'
+
+
+def make_parser(description=__doc__, weight_decay=None):
+    """train.py's flags; train_l2reg.py adds --weight-decay and --sweep through `weight_decay`."""
+    parser = cli.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common_args(parser)
+    cli.add_mnist_training_args(parser, weight_decay=weight_decay)
+    parser.add_argument('--draw-every', type=cli.positive_int, default=100,
+                        help='draw the conv1 filters every N steps, and after every epoch (default: 100)')
+    parser.add_argument('--summary-only', action='store_true',
+                        help='print the model summary (shapes, parameters, receptive fields, memory) and exit')
+    return parser
+
+
+def check_args(args):
+    """What argparse cannot check alone, before any work."""
+    num_train = min(args.limit or data.MNIST_TRAIN_SIZE, data.MNIST_TRAIN_SIZE)
+    if args.batch_size > num_train:
+        raise cli.UserError(f"--batch-size {args.batch_size} is larger than the {num_train} training images"
+                            + (" left by --limit" if args.limit else ""))
+
+
+def print_summary(args):
+    net, _ = nn.lab_mnist_net(args.batch_size, np.dtype(args.dtype).type)
+    print(f"The lab's net for a batch of {args.batch_size}; 'kept' is the memory backprop needs "
+          f"(what each layer's forward stores for its backward):")
+    print(nn.format_summary(nn.model_summary(net, args.batch_size), net[0].input_shape))
+
+
+def load_data(args):
+    """The lab's MNIST split in args.dtype, the training part cut to --limit images."""
+    mnist = data.prepare_mnist(args.data_dir, np.dtype(args.dtype).type)
+    mnist['train_x'], mnist['train_y'] = mnist['train_x'][:args.limit], mnist['train_y'][:args.limit]
+    return mnist
+
+
+def train_model(args, mnist, run_dir, weight_decay=None):
+    """Builds the lab's net from args.seed (L2-regularised if weight_decay is not None), trains it with
+    nn.train and tests it; writes everything into run_dir and returns (results, net)."""
+    cli.seed_everything(args.seed)
+    net, loss = nn.lab_mnist_net(args.batch_size, np.dtype(args.dtype).type)
+    if weight_decay is not None:
+        loss = nn.l2_regularized(net, loss, weight_decay)
+
+    valid_data_loss, valid_acc = nn.evaluate(net, loss, mnist['valid_x'], mnist['valid_y'])
+    results = {'config': vars(args), 'initial_loss': valid_data_loss + nn.regularization(loss), 'epochs': []}
+    print(f"initial validation loss {valid_data_loss:.4f} (accuracy {valid_acc:.1%}), ln(10) = {math.log(10):.4f}"
+          + (f", plus {nn.regularization(loss):.4f} regularisation" if weight_decay else "") + ":\n"
+          f"  small random weights give small, nearly equal logits, so the softmax is about uniform (1/10 per class)"
+          f" and the cross-entropy is -ln(1/10) = ln(10)")
+
+    title = 'NumPy' + (f', lambda = {weight_decay:g}' if weight_decay is not None else '')
+    nn.train(net, loss, mnist, run_dir, results, epochs=args.epochs, batch_size=args.batch_size,
+             lr_policy=args.lr_policy, shuffle=not args.no_shuffle, seed=args.seed, draw_every=args.draw_every,
+             title=title)
+
+    test_data_loss, test_acc = nn.evaluate(net, loss, mnist['test_x'], mnist['test_y'])
+    epoch_seconds = [record['seconds'] for record in results['epochs']]
+    images_per_epoch = len(mnist['train_x']) // args.batch_size * args.batch_size  # nn.train drops a partial batch
+    results.update(test_loss=test_data_loss + nn.regularization(loss), test_acc=test_acc,
+                   seconds_per_epoch=float(np.mean(epoch_seconds)),
+                   images_per_second=len(epoch_seconds) * images_per_epoch / sum(epoch_seconds))
+    cli.write_json(os.path.join(run_dir, 'results.json'), results)
+    print(f"test accuracy {test_acc:.2%} (loss {results['test_loss']:.4f}); "
+          f"{results['seconds_per_epoch']:.1f} s per epoch; results in {run_dir}")
+    return results, net
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    check_args(args)
+    print_summary(args)
+    if args.summary_only:
+        return
+    mnist = load_data(args)
+    run_dir = cli.make_run_dir(args.save_dir, args.run_name, SCRIPT, args.overwrite)
+    train_model(args, mnist, run_dir)
+
+
+if __name__ == '__main__':
+    cli.run(main)
