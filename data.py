@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import os
 import pickle
-import shutil
 import tarfile
 import tempfile
 import urllib.request
@@ -128,30 +127,51 @@ def prepare_mnist(data_dir, dtype=np.float32, valid_size=MNIST_VALID_SIZE, downl
 
 CIFAR_FOLDER = 'cifar-10-batches-py'
 CIFAR_TRAIN_BATCHES = [f'data_batch_{i}' for i in range(1, 6)]
+CIFAR_FILES = CIFAR_TRAIN_BATCHES + ['test_batch']
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 CIFAR_MD5 = 'c58f30108f718f92721af3b95e74349a'
+# The published files' MD5s (as torchvision checks them). Files that differ, e.g. the JPEG-decoded
+# stand-in, are still accepted when their structure is right; load_cifar10 reports which it read.
+CIFAR_FILE_MD5 = {
+    'data_batch_1': 'c99cafc152244af753f735de768cd75f', 'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
+    'data_batch_3': '54ebc095f3ab1f0389bbae665268c751', 'data_batch_4': '634d18415352ddfa80567beed471001a',
+    'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb', 'test_batch': '40351d587109b95175f43aff81a1287e',
+}
 CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what CIFAR-10's batch files hold: dicts, lists, strings, bytes, ints and NumPy arrays.
+def _numeric_dtype(*args):
+    """np.dtype, refusing object dtypes: an object array would let the file build arbitrary contents."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refusing an array of dtype {dtype}")
+    return dtype
 
-    A plain pickle.load runs any callable a file names; this refuses everything but ndarray reconstruction.
+
+def _latin1_encode(text, encoding):
+    """How Python 3 pickles bytes at protocol 2: _codecs.encode(str, 'latin1'); no other codec."""
+    if encoding != 'latin1':
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, 'latin1')
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR-10's files hold: dicts, lists, strings, ints and numeric NumPy arrays.
+
+    A plain pickle.load calls any callable a file names (os.system included); this one resolves
+    only the four names an array of numbers needs and refuses everything else.
     """
-    ALLOWED = {
-        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-        ('numpy', 'ndarray'), ('numpy', 'dtype'),
-        ('_codecs', 'encode'),  # how Python 3 writes bytes at protocol 2 (re-pickled batches)
-    }
 
     def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        if name == '_reconstruct':
+        if (module, name) in {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct')}:
             return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, without importing numpy.core
-        if module == '_codecs':
-            return codecs.encode
-        return getattr(np, name)
+        if (module, name) == ('numpy', 'ndarray'):
+            return np.ndarray
+        if (module, name) == ('numpy', 'dtype'):
+            return _numeric_dtype
+        if (module, name) == ('_codecs', 'encode'):  # re-pickled batches (Python 3)
+            return _latin1_encode
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
 def unpickle(path):
@@ -163,7 +183,7 @@ def unpickle(path):
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error})")
     except Exception as error:  # a truncated or foreign pickle fails in many ways
-        raise DataError(f"{path}: not a CIFAR-10 batch file ({type(error).__name__}: {error})")
+        raise DataError(f"{path}: not a CIFAR-10 file ({type(error).__name__}: {error})")
 
 
 def _decode_strings(obj):
@@ -176,6 +196,7 @@ def _decode_strings(obj):
 
 
 def _read_batch(path):
+    """One batch file -> uint8 images (N, 3, 32, 32) and int64 labels (N,), or a DataError naming the file."""
     batch = unpickle(path)
     if not isinstance(batch, dict) or 'data' not in batch or 'labels' not in batch:
         raise DataError(f"{path}: expected a dict with 'data' and 'labels'")
@@ -183,62 +204,97 @@ def _read_batch(path):
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
         raise DataError(f"{path}: 'data' must be a (N, 3072) uint8 array, got "
                         f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
-    if labels.shape != (images.shape[0],) or labels.dtype.kind not in 'iu' or \
-            (labels.size and (labels.min() < 0 or labels.max() > 9)):
-        raise DataError(f"{path}: 'labels' must be {images.shape[0]} ints in 0..9")
+    if labels.shape != (images.shape[0],) or labels.dtype.kind not in 'iu':
+        raise DataError(f"{path}: 'labels' must be {images.shape[0]} ints (one per image), got "
+                        f"{labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels must be in 0..9, found {labels.min()}..{labels.max()}")
     return images.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def _download_cifar10(data_dir):
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _missing_cifar10(folder, missing, reason):
+    return DataError(f"CIFAR-10 files {', '.join(missing)} are missing in {folder} ({reason}); put the python "
+                     f"version's data_batch_1..5, test_batch and batches.meta there (from {CIFAR_URL}), "
+                     f"or pass --data-dir / set DATA_DIR to the folder that holds {CIFAR_FOLDER}/")
+
+
+def _download_cifar10(data_dir, missing):
     """Downloads the official archive, checks its MD5 and extracts it with tarfile's 'data' filter."""
+    folder = os.path.join(data_dir, CIFAR_FOLDER)
     os.makedirs(data_dir, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
-            archive = os.path.join(tmp, 'cifar-10-python.tar.gz')
+    with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+        archive = os.path.join(tmp, 'cifar-10-python.tar.gz')
+        digest = hashlib.md5()
+        try:
             with urllib.request.urlopen(CIFAR_URL, timeout=30) as response, open(archive, 'wb') as f:
-                shutil.copyfileobj(response, f)
-            with open(archive, 'rb') as f:
-                md5 = hashlib.md5(f.read()).hexdigest()
-            if md5 != CIFAR_MD5:
-                raise DataError(f"downloaded {CIFAR_URL} has MD5 {md5}, expected {CIFAR_MD5}; try again")
+                for block in iter(lambda: response.read(1 << 20), b''):
+                    digest.update(block)
+                    f.write(block)
+        except OSError as error:  # URLError, timeouts and refused connections are all OSErrors
+            raise _missing_cifar10(folder, missing, f"download failed: {error}")
+        if digest.hexdigest() != CIFAR_MD5:
+            raise DataError(f"downloaded {CIFAR_URL} has MD5 {digest.hexdigest()}, expected {CIFAR_MD5}; try again")
+        try:
             with tarfile.open(archive) as tar:
                 tar.extractall(data_dir, filter='data')  # no absolute paths, no '..', no links out
-    except DataError:
-        raise
-    except Exception as error:
-        raise DataError(f"CIFAR-10 is not in {os.path.join(data_dir, CIFAR_FOLDER)} and could not be downloaded "
-                        f"({type(error).__name__}); put {', '.join(CIFAR_TRAIN_BATCHES)}, test_batch and "
-                        f"batches.meta there (the python version of CIFAR-10), or pass --data-dir / set DATA_DIR")
+        except tarfile.TarError as error:
+            raise DataError(f"cannot extract {CIFAR_URL} ({type(error).__name__}: {error})")
 
 
 def load_cifar10(data_dir, download=True):
-    """Raw CIFAR-10 -> uint8 images (N, 3, 32, 32), int64 labels and the class names."""
+    """Raw CIFAR-10 -> dict: uint8 images (N, 3, 32, 32) and int64 labels for 'train' (all five batches)
+    and 'test', 'class_names' and 'originals' (True when every batch file has the published MD5).
+    """
     folder = os.path.join(data_dir, CIFAR_FOLDER)
-    names = CIFAR_TRAIN_BATCHES + ['test_batch']
-    if not all(os.path.isfile(os.path.join(folder, name)) for name in names):
+    missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
         if not download:
-            raise DataError(f"missing CIFAR-10 batch files in {folder}")
-        _download_cifar10(data_dir)
+            raise _missing_cifar10(folder, missing, "download disabled")
+        _download_cifar10(data_dir, missing)
     train = [_read_batch(os.path.join(folder, name)) for name in CIFAR_TRAIN_BATCHES]
     test_x, test_y = _read_batch(os.path.join(folder, 'test_batch'))
     class_names = CIFAR_CLASSES
     meta_path = os.path.join(folder, 'batches.meta')
     if os.path.isfile(meta_path):
         meta = unpickle(meta_path)
-        if isinstance(meta, dict) and isinstance(meta.get('label_names'), list) and len(meta['label_names']) == 10:
-            class_names = [str(name) for name in meta['label_names']]
+        names = meta.get('label_names') if isinstance(meta, dict) else None
+        if not (isinstance(names, list) and len(names) == 10 and all(isinstance(n, str) for n in names)):
+            raise DataError(f"{meta_path}: expected a dict with 'label_names', a list of 10 class names")
+        class_names = names
     return {
         'train_x': np.concatenate([x for x, _ in train]), 'train_y': np.concatenate([y for _, y in train]),
         'test_x': test_x, 'test_y': test_y, 'class_names': class_names,
+        'originals': all(_md5(os.path.join(folder, name)) == CIFAR_FILE_MD5[name] for name in CIFAR_FILES),
     }
+
+
+def _channel_mean_std(images):
+    """uint8 (N, 3, H, W) -> per-channel mean and std on the [0, 1] scale, exactly, from 256-bin histograms
+    (no float copy of the images, no rounding in the sums)."""
+    values = np.arange(256, dtype=np.float64)
+    mean, std = np.empty(3), np.empty(3)
+    for c in range(3):
+        counts = np.bincount(images[:, c].ravel(), minlength=256)
+        mean[c] = counts @ values / counts.sum()
+        std[c] = np.sqrt(counts @ (values - mean[c]) ** 2 / counts.sum())
+    return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
 
 
 def prepare_cifar10(data_dir, valid_size=5000, seed=42, download=True):
     """The lab's CIFAR-10: `valid_size` random training images (seeded) for validation,
     per-channel mean/std of the remaining training images applied to all three splits.
 
-    Images float32 (N, 3, 32, 32) in normalised units, labels int64; 'mean' and 'std' are
-    per channel on the [0, 1] scale, for undoing the normalisation.
+    Images float32 (N, 3, 32, 32) in normalised units, labels int64; 'mean' and 'std' (3,) are
+    per channel on the [0, 1] scale, for undoing the normalisation (denormalise); also
+    'class_names' and 'originals' from load_cifar10.
     """
     raw = load_cifar10(data_dir, download)
     num_images = raw['train_x'].shape[0]
@@ -246,18 +302,19 @@ def prepare_cifar10(data_dir, valid_size=5000, seed=42, download=True):
         raise DataError(f"cannot hold out {valid_size} of {num_images} CIFAR-10 training images for validation")
     order = np.random.default_rng(seed).permutation(num_images)
     valid_idx, train_idx = order[:valid_size], order[valid_size:]
-    train_x = raw['train_x'][train_idx].astype(np.float32) / 255
-    mean = train_x.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
-    std = train_x.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32)
+    mean, std = _channel_mean_std(raw['train_x'][train_idx])
 
-    def normalise(images):
-        return (images.astype(np.float32) / 255 - mean[:, None, None]) / std[:, None, None]
+    def normalise(images):  # in place on the float copy: the training split alone is 550 MB
+        x = images.astype(np.float32)
+        x -= 255 * mean[:, None, None]
+        x /= 255 * std[:, None, None]
+        return x
 
     return {
-        'train_x': (train_x - mean[:, None, None]) / std[:, None, None], 'train_y': raw['train_y'][train_idx],
+        'train_x': normalise(raw['train_x'][train_idx]), 'train_y': raw['train_y'][train_idx],
         'valid_x': normalise(raw['train_x'][valid_idx]), 'valid_y': raw['train_y'][valid_idx],
         'test_x': normalise(raw['test_x']), 'test_y': raw['test_y'],
-        'mean': mean, 'std': std, 'class_names': raw['class_names'],
+        'mean': mean, 'std': std, 'class_names': raw['class_names'], 'originals': raw['originals'],
     }
 
 

@@ -37,6 +37,36 @@ def save_filter_grid(path, weights, **grid_options):
     skimage.io.imsave(path, filter_grid(weights, **grid_options), check_contrast=False)
 
 
+def _plot_curves(ax, history, key, panel_title):
+    """One panel of a progress figure: the learning rate (log scale), or train vs validation `key`."""
+    if key == "lr":
+        ax.plot(np.arange(1, len(history["lr"]) + 1), history["lr"], marker="o", color="m")
+        ax.set_yscale("log")
+    else:
+        for split, color in (("train", "m"), ("valid", "c")):
+            values = history.get(f"{split}_{key}", [])
+            ax.plot(np.arange(1, len(values) + 1), values, marker="o", color=color,
+                    label="train" if split == "train" else "validation")
+        ax.legend()
+    _epoch_axis(ax, panel_title)
+
+
+def _epoch_axis(ax, panel_title):
+    ax.set_title(panel_title)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path, title=None):
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.abspath(path)
+
+
 def plot_training_progress(path, history, title=None):
     """The lab's figure: loss, accuracy and (if recorded) learning rate per epoch, train vs validation.
 
@@ -45,22 +75,70 @@ def plot_training_progress(path, history, title=None):
     panels = [("Cross-entropy loss", "loss"), ("Accuracy", "acc")] + ([("Learning rate", "lr")] if history.get("lr") else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (panel_title, key) in zip(axes, panels):
-        if key == "lr":
-            epochs = np.arange(1, len(history["lr"]) + 1)
-            ax.plot(epochs, history["lr"], marker="o", color="m")
-            ax.set_yscale("log")
-        else:
-            for split, color in (("train", "m"), ("valid", "c")):
-                values = history.get(f"{split}_{key}", [])
-                ax.plot(np.arange(1, len(values) + 1), values, marker="o", color=color,
-                        label="train" if split == "train" else "validation")
-            ax.legend()
-        ax.set_title(panel_title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.path.abspath(path)
+        _plot_curves(ax, history, key, panel_title)
+    return _save(fig, path, title)
+
+
+def plot_progress_2x2(path, history, loss_title="Cross-entropy loss", title=None):
+    """The lab's 2x2 CIFAR figure: loss, accuracy and learning rate per epoch (train vs validation),
+    and in the panel the lab leaves empty the validation macro-averaged precision and recall.
+
+    history: lists keyed train_loss, valid_loss, train_acc, valid_acc, lr, valid_macro_precision, valid_macro_recall.
+    """
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for ax, (panel_title, key) in zip(axes.flat, [(loss_title, "loss"), ("Accuracy", "acc"), ("Learning rate", "lr")]):
+        _plot_curves(ax, history, key, panel_title)
+    ax = axes[1, 1]
+    for key, color in (("valid_macro_precision", "tab:blue"), ("valid_macro_recall", "tab:orange")):
+        values = history.get(key, [])
+        ax.plot(np.arange(1, len(values) + 1), values, marker="o", color=color, label=key.split("_")[-1])
+    ax.legend()
+    _epoch_axis(ax, "Validation macro-averaged precision and recall")
+    return _save(fig, path, title)
+
+
+def save_confusion_matrix(path, confusion, class_names, title=None):
+    """Heatmap of a confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
+    confusion = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    threshold = confusion.max() / 2
+    for (i, j), count in np.ndenumerate(confusion):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                color="white" if count > threshold else "black")
+    return _save(fig, path, title)
+
+
+def save_image_grid(path, images, titles, cols=5, title=None):
+    """uint8 RGB images (N, H, W, 3) in a grid, each with its (multi-line) title."""
+    rows = max(1, math.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, image_title in zip(axes.flat, images, titles):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(image_title, fontsize=8)
+    return _save(fig, path, title)
+
+
+def plot_run_comparison(path, histories, loss_titles, title=None):
+    """Several runs side by side: validation accuracy of all runs in one panel, then each run's own
+    loss (train and validation) in a panel of its own, since different losses have different scales.
+
+    histories: {run name: history as for plot_progress_2x2}; loss_titles: {run name: name of its loss}.
+    """
+    fig, axes = plt.subplots(1, 1 + len(histories), figsize=(5 * (1 + len(histories)), 4))
+    for name, history in histories.items():
+        values = history["valid_acc"]
+        axes[0].plot(np.arange(1, len(values) + 1), values, marker="o", label=name)
+    axes[0].legend()
+    _epoch_axis(axes[0], "Validation accuracy")
+    for ax, (name, history) in zip(axes[1:], histories.items()):
+        _plot_curves(ax, history, "loss", f"{name}: {loss_titles[name]}")
+    return _save(fig, path, title)

@@ -1,0 +1,101 @@
+"""Lab 2, bonus task: the lab's CIFAR-10 conv-net trained with the multiclass hinge loss instead of cross-entropy.
+
+    python hinge_loss.py --data-dir data               # train with the hinge loss (train_cifar.py's model,
+                                                       # data split, seed, schedule and evaluation)
+    python hinge_loss.py --data-dir data --compare     # ... and with cross-entropy, then compare the two:
+                                                       # compare.md, compare.json, compare.png
+
+The training itself is train_cifar.py's (train_cifar.py --loss hinge trains the same model); this file
+defines the loss and the comparison. The hinge model's scores are not probabilities: the figure of
+misclassified images shows their softmax for display only, and says so.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import cli
+import plots
+
+
+def multiclass_hinge_loss(logits: torch.Tensor, target: torch.Tensor, delta=1., reduction='mean'):
+    """Multiclass hinge (SVM) loss, as in CS231n:
+
+        L_i = sum_{j != y_i} max(0, s_j - s_{y_i} + delta),    loss = mean_i L_i
+
+    Args:
+        logits: (B, C) float scores s.
+        target: (B,) int64 true classes y, each in 0..C-1.
+        delta: the margin by which the true class's score should beat every other score.
+        reduction: 'mean' -> scalar (the loss), 'none' -> (B,) per-example losses L_i.
+    Returns:
+        torch.Tensor: scalar, or (B,) with reduction='none'.
+    Raises:
+        ValueError on shapes that do not fit together or a class index outside 0..C-1.
+    """
+    if logits.ndim != 2 or target.shape != logits.shape[:1] or target.dtype != torch.int64:
+        raise ValueError(f"expected logits (B, C) and int64 target (B,), got logits {tuple(logits.shape)} and "
+                         f"target {tuple(target.shape)} of {target.dtype}")
+    batch_size, num_classes = logits.shape
+    if target.numel() and (target.min() < 0 or target.max() >= num_classes):
+        raise ValueError(f"target holds classes {int(target.min())}..{int(target.max())}, outside 0..{num_classes - 1} "
+                         f"of logits {tuple(logits.shape)} (target {tuple(target.shape)})")
+    # masked_select returns a flat tensor in row-major order, so each row's entries stay together
+    is_target = F.one_hot(target, num_classes).bool()
+    correct = torch.masked_select(logits, is_target).view(batch_size, 1)  # (B, 1): s_{y_i}
+    others = torch.masked_select(logits, ~is_target).view(batch_size, num_classes - 1)  # (B, C-1): s_j, j != y_i
+    margins = others - correct + delta  # (B, C-1), the (B, 1) column broadcast over the row
+    per_example = torch.max(margins, torch.zeros_like(margins)).sum(dim=1)  # (B,)
+    if reduction == 'none':
+        return per_example
+    if reduction != 'mean':
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return per_example.mean()
+
+
+def _comparison_table(results):
+    """Markdown table of {run name: train_cifar results}: accuracies, epochs to best, speed, per-class recall."""
+    class_names = list(next(iter(results.values()))['test']['recall'])
+    header = ['run', 'valid acc', 'test acc', 'epochs to best', 's/epoch'] + [f'recall {name}' for name in class_names]
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for name, r in results.items():
+        cells = [name, f"{r['valid']['accuracy']:.2%}", f"{r['test']['accuracy']:.2%}", str(r['best_epoch']),
+                 f"{r['seconds_per_epoch']:.1f}"] + [f"{r['test']['recall'][c]:.1%}" for c in class_names]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def main():
+    import train_cifar  # not at the top: train_cifar imports this file's loss
+
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=train_cifar.HelpFormatter)
+    train_cifar.add_training_args(parser)
+    parser.add_argument('--compare', action='store_true',
+                        help='also train with cross-entropy (same data, seed and schedule) and compare the two')
+    args = parser.parse_args()
+    device = train_cifar.pick_device(args.device)
+    run_dir = cli.make_run_dir(args.save_dir, args.run_name, 'hinge_loss', args.overwrite)
+    dataset = train_cifar.load_data(args, device)
+    runs = {'hinge': 'hinge'} | ({'cross-entropy': 'ce'} if args.compare else {})
+    results = {name: train_cifar.train(args, dataset, os.path.join(run_dir, loss), loss, device)
+               for name, loss in runs.items()}
+    if not args.compare:
+        return
+    table = _comparison_table(results)
+    note = (f"CIFAR-10{'' if dataset['originals'] else ' (JPEG stand-in: the files are not the published originals)'}; "
+            f"accuracies of the best-validation epoch's model; s/epoch is the training pass alone.")
+    print(f"\n{table}\n\n{note}")
+    with open(os.path.join(run_dir, 'compare.md'), 'w') as f:
+        f.write(f"# Hinge loss (delta {args.delta}) vs cross-entropy\n\n{table}\n\n{note}\n")
+    cli.write_json(os.path.join(run_dir, 'compare.json'), {
+        'note': note, 'config': {k: v for k, v in vars(args).items()},
+        'runs': {name: {key: r[key] for key in ('loss', 'best_epoch', 'valid', 'test', 'seconds_per_epoch',
+                                                'images_per_second', 'history')} for name, r in results.items()}})
+    plots.plot_run_comparison(os.path.join(run_dir, 'compare.png'), {name: r['history'] for name, r in results.items()},
+                              {name: train_cifar.LOSS_TITLES[loss] for name, loss in runs.items()},
+                              title=f"Hinge loss (delta {args.delta}) vs cross-entropy")
+    print(f"wrote {run_dir}/compare.md, compare.json, compare.png")
+
+
+if __name__ == '__main__':
+    cli.run(main)
