@@ -7,6 +7,10 @@ kernel column) and one column per (image, output row, output column).
     dx = col2im(cols, N, C, H, W, fh, fw, padding, stride)  # (N, C, H, W)
 
 col2im is the adjoint of im2col: <im2col(x), c> == <x, col2im(c)>.
+
+im2col_into / col2im_into write into a given array instead, e.g. a block of
+columns of a bigger cols matrix; layers.Convolution uses them to work through
+the batch a few images at a time.
 """
 import sys
 
@@ -50,13 +54,22 @@ def col2im_numpy(cols, N, C, H, W, field_height, field_width, padding, stride):
     return dx_padded[:, :, padding:padding + H, padding:padding + W]
 
 
+def im2col_into_numpy(x, cols, field_height, field_width, padding, stride):
+    cols[...] = im2col_numpy(x, field_height, field_width, padding, stride)
+
+
+def col2im_into_numpy(cols, dx, field_height, field_width, padding, stride):
+    dx[...] = col2im_numpy(cols, *dx.shape, field_height, field_width, padding, stride)
+
+
 try:
     import im2col_cython as kernels   # also holds the max-pooling kernels layers.MaxPooling uses
-    from im2col_cython import col2im_cython as col2im, im2col_cython as im2col
+    from im2col_cython import col2im_cython as col2im, col2im_into, im2col_cython as im2col, im2col_into
     HAVE_CYTHON = True
 except ImportError:
     print(f"warning: im2col_cython is not built, using the slow NumPy im2col; build it with: {BUILD_COMMAND}",
           file=sys.stderr)
     kernels = None
     im2col, col2im = im2col_numpy, col2im_numpy
+    im2col_into, col2im_into = im2col_into_numpy, col2im_into_numpy
     HAVE_CYTHON = False

@@ -46,7 +46,7 @@ cdef inline void _valid_range(Py_ssize_t size, int offset, int stride, Py_ssize_
     lo[0] = min(first, hi[0])
 
 
-cdef void _im2col_image(const floating[:, :, :, ::1] x, floating[:, ::1] cols, Py_ssize_t n,
+cdef void _im2col_image(const floating[:, :, :, ::1] x, floating[:, :] cols, Py_ssize_t n,
                         int field_height, int field_width, int padding, int stride,
                         Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
     cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3]
@@ -74,7 +74,7 @@ cdef void _im2col_image(const floating[:, :, :, ::1] x, floating[:, ::1] cols, P
                     memset(dst + hi, 0, (out_w - hi) * sizeof(floating))
 
 
-cdef void _col2im_image(const floating[:, ::1] cols, floating[:, :, :, ::1] dx, Py_ssize_t n,
+cdef void _col2im_image(const floating[:, :] cols, floating[:, :, :, ::1] dx, Py_ssize_t n,
                         int field_height, int field_width, int padding, int stride,
                         Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
     cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3]
@@ -100,7 +100,7 @@ cdef void _col2im_image(const floating[:, ::1] cols, floating[:, :, :, ::1] dx, 
                             dst[xo * stride] += src[lo + xo]
 
 
-def _im2col_fill(const floating[:, :, :, ::1] x, floating[:, ::1] cols,
+def _im2col_fill(const floating[:, :, :, ::1] x, floating[:, :] cols,
                  int field_height, int field_width, int padding, int stride,
                  Py_ssize_t out_h, Py_ssize_t out_w, int num_threads):
     cdef Py_ssize_t n
@@ -108,7 +108,7 @@ def _im2col_fill(const floating[:, :, :, ::1] x, floating[:, ::1] cols,
         _im2col_image(x, cols, n, field_height, field_width, padding, stride, out_h, out_w)
 
 
-def _col2im_fill(const floating[:, ::1] cols, floating[:, :, :, ::1] dx,
+def _col2im_fill(const floating[:, :] cols, floating[:, :, :, ::1] dx,
                  int field_height, int field_width, int padding, int stride,
                  Py_ssize_t out_h, Py_ssize_t out_w, int num_threads):
     cdef Py_ssize_t n
@@ -119,39 +119,66 @@ def _col2im_fill(const floating[:, ::1] cols, floating[:, :, :, ::1] dx,
 def im2col_cython(x, int field_height, int field_width, int padding, int stride, int num_threads=1):
     """(N, C, H, W) -> cols (C*fh*fw, N*out_h*out_w), same dtype as x.
 
-    num_threads=0 lets OpenMP choose (OMP_NUM_THREADS or all cores); see THREADS below.
+    num_threads=0 lets OpenMP choose (OMP_NUM_THREADS or all cores); see THREADS above.
     """
     x = np.ascontiguousarray(x)
-    if x.ndim != 4 or x.dtype not in (np.float32, np.float64):
-        raise ValueError(f"im2col expects a float32/float64 (N, C, H, W) array, got {x.dtype} {x.shape}")
+    _check_images(x, 'im2col')
     N, C, H, W = x.shape
     out_h = output_size(H, field_height, padding, stride)
     out_w = output_size(W, field_width, padding, stride)
     cols = np.empty((C * field_height * field_width, N * out_h * out_w), dtype=x.dtype)
+    im2col_into(x, cols, field_height, field_width, padding, stride, num_threads)
+    return cols
+
+
+def im2col_into(x, cols, int field_height, int field_width, int padding, int stride, int num_threads=1):
+    """im2col written into `cols`, which may be a block of columns of a bigger matrix (rows must be contiguous)."""
+    x = np.ascontiguousarray(x)
+    _check_images(x, 'im2col')
+    N, C, H, W = x.shape
+    out_h = output_size(H, field_height, padding, stride)
+    out_w = output_size(W, field_width, padding, stride)
+    _check_cols(cols, (C * field_height * field_width, N * out_h * out_w), x.dtype, 'im2col')
     _im2col_fill(x, cols, field_height, field_width, padding, stride, out_h, out_w,
                  num_threads if num_threads > 0 else _default_threads())
-    return cols
 
 
 def col2im_cython(cols, int N, int C, int H, int W, int field_height, int field_width,
                   int padding, int stride, int num_threads=1):
     """Adjoint of im2col: sums every column entry back onto its pixel -> (N, C, H, W)."""
-    cols = np.ascontiguousarray(cols)
+    dx = np.empty((N, C, H, W), dtype=cols.dtype)
+    col2im_into(cols, dx, field_height, field_width, padding, stride, num_threads)
+    return dx
+
+
+def col2im_into(cols, dx, int field_height, int field_width, int padding, int stride, int num_threads=1):
+    """col2im written into (overwriting) the C-contiguous (N, C, H, W) array dx."""
+    _check_images(dx, 'col2im')
+    if not dx.flags.c_contiguous:
+        raise ValueError("col2im needs a C-contiguous output array")
+    N, C, H, W = dx.shape
     out_h = output_size(H, field_height, padding, stride)
     out_w = output_size(W, field_width, padding, stride)
-    expected = (C * field_height * field_width, N * out_h * out_w)
-    if cols.shape != expected or cols.dtype not in (np.float32, np.float64):
-        raise ValueError(f"col2im expects float32/float64 cols of shape {expected}, got {cols.dtype} {cols.shape}")
-    dx = np.empty((N, C, H, W), dtype=cols.dtype)
+    _check_cols(cols, (C * field_height * field_width, N * out_h * out_w), dx.dtype, 'col2im')
     _col2im_fill(cols, dx, field_height, field_width, padding, stride, out_h, out_w,
                  num_threads if num_threads > 0 else _default_threads())
-    return dx
+
+
+def _check_images(x, what):
+    if x.ndim != 4 or x.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{what} expects a float32/float64 (N, C, H, W) array, got {x.dtype} {x.shape}")
+
+
+def _check_cols(cols, shape, dtype, what):
+    if cols.shape != shape or cols.dtype != dtype or cols.strides[1] != cols.itemsize:
+        raise ValueError(f"{what} expects {dtype} cols of shape {shape} with contiguous rows, "
+                         f"got {cols.dtype} {cols.shape}")
 
 
 cdef void _max_pool_plane(const floating[:, :, ::1] x, floating[:, :, ::1] out, int[:, :, ::1] argmax,
                           Py_ssize_t plane, int pool_size, int stride) noexcept nogil:
     cdef Py_ssize_t W = x.shape[2], y, xo, i, j, best_index, index
-    cdef floating best
+    cdef floating best, value
     for y in range(out.shape[1]):
         for xo in range(out.shape[2]):
             best_index = (y * stride) * W + xo * stride
@@ -159,8 +186,10 @@ cdef void _max_pool_plane(const floating[:, :, ::1] x, floating[:, :, ::1] out, 
             for i in range(pool_size):
                 for j in range(pool_size):
                     index = (y * stride + i) * W + xo * stride + j
-                    if x[plane, y * stride + i, xo * stride + j] > best:  # '>' keeps the first maximum
-                        best = x[plane, y * stride + i, xo * stride + j]
+                    value = x[plane, y * stride + i, xo * stride + j]
+                    # '>' keeps the first maximum; a NaN wins (the first one), as in NumPy and PyTorch
+                    if value > best or (value != value and best == best):
+                        best = value
                         best_index = index
             out[plane, y, xo] = best
             argmax[plane, y, xo] = <int>best_index

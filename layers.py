@@ -16,7 +16,7 @@ inputs of another dtype or shape with a ValueError naming the layer.
 import numpy as np
 
 import im2col as im2col_module
-from im2col import col2im, im2col, output_size
+from im2col import col2im_into, im2col_into, output_size
 
 
 def variance_scaling_initializer(shape, fan_in, factor=2.0):
@@ -99,25 +99,42 @@ class Convolution(Layer):
         self.weights = np.asarray(weights_initializer_fn([num_filters, fan_in], fan_in), dtype=self.dtype)
         self.bias = np.asarray(bias_initializer_fn([num_filters]), dtype=self.dtype)
 
+    # The batch goes through a few images at a time: their im2col columns (~1 MB) are still in
+    # the CPU cache when the GEMM reads them. For conv2 of the lab net, all 50 images' columns
+    # take 16 MB (float32), which would go out to RAM and back: this makes a training step ~1.3x faster.
+    chunk_bytes = 1 << 20
+
+    def _chunks(self, N):
+        """Slices of the batch, each with about chunk_bytes of im2col columns."""
+        bytes_per_image = self.weights.shape[1] * self.shape[2] * self.shape[3] * self.dtype.itemsize
+        step = max(1, self.chunk_bytes // bytes_per_image)
+        return [slice(start, min(start + step, N)) for start in range(0, N, step)]
+
     def forward(self, x):
         self._check_input(x)
-        k = self.kernel_size
-        self.x_cols = im2col(x, k, k, self.pad, self.stride)   # (C*k*k, N*H'*W'), kept for backward
-        out = self.weights @ self.x_cols                         # (F, N*H'*W')
-        out += self.bias[:, None]
-        out = out.reshape(self.num_filters, x.shape[0], *self.shape[2:])
-        return np.ascontiguousarray(out.transpose(1, 0, 2, 3))
+        N, (F, out_h, out_w), k = x.shape[0], self.shape[1:], self.kernel_size
+        pixels = out_h * out_w
+        self.x_cols = np.empty((self.weights.shape[1], N * pixels), dtype=self.dtype)  # (C*k*k, N*H'*W'), for backward
+        out = np.empty((N, F, out_h, out_w), dtype=self.dtype)
+        for images in self._chunks(N):
+            cols = self.x_cols[:, images.start * pixels:images.stop * pixels]
+            im2col_into(x[images], cols, k, k, self.pad, self.stride)
+            # (F, n*H'*W') -> (n, F, H', W'), plus the bias, in one pass
+            np.add((self.weights @ cols).reshape(F, -1, out_h, out_w).transpose(1, 0, 2, 3),
+                   self.bias[:, None, None], out=out[images])
+        return out
 
     def _grad_rows(self, grad_out):
         """(N, F, H', W') -> (F, N*H'*W'), the layout of weights @ x_cols."""
         return grad_out.transpose(1, 0, 2, 3).reshape(self.num_filters, -1)
 
     def backward_inputs(self, grad_out):
-        N = grad_out.shape[0]
-        _, C, H, W = self.input_shape
         k = self.kernel_size
-        grad_cols = self.weights.T @ self._grad_rows(grad_out)
-        return col2im(grad_cols, N, C, H, W, k, k, self.pad, self.stride)
+        grad_x = np.empty((grad_out.shape[0],) + self.input_shape[1:], dtype=self.dtype)
+        for images in self._chunks(grad_out.shape[0]):
+            grad_cols = self.weights.T @ self._grad_rows(grad_out[images])  # (C*k*k, n*H'*W')
+            col2im_into(grad_cols, grad_x[images], k, k, self.pad, self.stride)
+        return grad_x
 
     def backward_params(self, grad_out):
         # x_cols @ grad_rows.T is grad_rows @ x_cols.T transposed; BLAS runs this orientation

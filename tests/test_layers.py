@@ -36,10 +36,12 @@ CONV_CASES = [  # N, C, H, W, filters, kernel, padding
 ]
 
 
-def conv_against_torch(case, dtype, rng):
+def conv_against_torch(case, dtype, rng, chunk_bytes=None):
     N, C, H, W, num_filters, k, padding = case
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     conv = layers.Convolution(x, num_filters, k, 'conv', padding=padding)
+    if chunk_bytes is not None:
+        conv.chunk_bytes = chunk_bytes
     conv.bias[:] = rng.standard_normal(num_filters)
     out = conv.forward(x)
     grad_out = rng.standard_normal(out.shape).astype(dtype)
@@ -53,9 +55,10 @@ def conv_against_torch(case, dtype, rng):
     return [(out, out_t), (grad_x, x_t.grad), (grad_weights, w_t.grad.reshape(num_filters, -1)), (grad_bias, b_t.grad)]
 
 
+@pytest.mark.parametrize('chunk_bytes', [None, 1, 1 << 40], ids=['default chunks', 'one image', 'whole batch'])
 @pytest.mark.parametrize('case', CONV_CASES)
-def test_convolution_float64_matches_torch(case):
-    for ours, theirs in conv_against_torch(case, np.float64, np.random.default_rng(0)):
+def test_convolution_float64_matches_torch(case, chunk_bytes):
+    for ours, theirs in conv_against_torch(case, np.float64, np.random.default_rng(0), chunk_bytes):
         assert_close(ours, theirs)
 
 
@@ -117,6 +120,18 @@ def test_max_pooling_ties_go_to_the_first_maximum_as_in_torch(use_cython):
     x_t = tensor(x)
     F.max_pool2d(x_t, 3, 2).sum().backward()
     assert_close(grad_x, x_t.grad, rtol=0)
+
+
+@pytest.mark.parametrize('use_cython', [True, False], ids=['cython', 'numpy'])
+def test_max_pooling_propagates_nan_as_torch(use_cython):
+    x = np.random.default_rng(3).standard_normal((1, 2, 6, 6))
+    x[0, 0, 1, 1] = x[0, 1, 4, 5] = np.nan   # not the first entry of its window
+    pool = layers.MaxPooling(x, 'pool', 3, 2)
+    pool.use_cython = use_cython and pool.use_cython
+    out = pool.forward(x)
+    expected = F.max_pool2d(torch.from_numpy(x), 3, 2).numpy()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    np.testing.assert_array_equal(out[~np.isnan(out)], expected[~np.isnan(expected)])
 
 
 # ----------------------------------------------------------------------------- ReLU, Flatten, FC
