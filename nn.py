@@ -121,9 +121,9 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
     permutation (seeded; the same order every epoch with shuffle=False) and drops the last partial batch.
     After every epoch it measures loss and accuracy on the whole training and validation sets (the
     reported losses are the regularised objective; 'data_loss' and 'reg_loss' split the training one),
-    appends that record to results['epochs'] and writes into run_dir:
-        init_weights.npz (before the first update), weights.npz (after every epoch), results.json,
-        training_plot.png, and conv1's filters at step 0, every `draw_every` steps and after every epoch.
+    appends that record to results['epochs'] and writes into run_dir: init_weights.npz (before the first
+    update), weights.npz and results.json (after every epoch), conv1's filters (at step 0, every
+    `draw_every` steps and after every epoch) and, at the end, training_plot.png.
     A NaN or infinite loss raises Diverged before the update it would cause; weights.npz then holds the
     weights of the last finished epoch (init_weights.npz, if none finished).
     """
@@ -136,10 +136,10 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
     rng = np.random.default_rng(seed)
     save_params(net, os.path.join(run_dir, 'init_weights.npz'))
     last_good = 'init_weights.npz'
-    draw_conv_filters(0, 0, conv1, run_dir)
     step = 0
     # NumPy's overflow warnings on the way to a NaN say less than the checks below.
     with np.errstate(over='ignore', invalid='ignore'):
+        draw_conv_filters(0, 0, conv1, run_dir)
         for epoch in range(1, epochs + 1):
             lr = cli.lr_at(lr_policy, epoch)
             order = rng.permutation(len(train_x)) if shuffle else np.arange(len(train_x))
@@ -182,9 +182,9 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
                   f"valid loss {record['valid_loss']:.4f} acc {valid_acc:.2%}, "
                   f"{seconds:.1f} s ({record['images_per_second']:.0f} img/s)")
             cli.write_json(os.path.join(run_dir, 'results.json'), results)
-            history = {key: [r[key] for r in results['epochs']]
-                       for key in ('train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'lr')}
-            plots.plot_training_progress(os.path.join(run_dir, 'training_plot.png'), history, title=title)
+    history = {key: [record[key] for record in results['epochs']]
+               for key in ('train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'lr')}
+    plots.plot_training_progress(os.path.join(run_dir, 'training_plot.png'), history, title=title)
     return results
 
 

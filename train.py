@@ -10,6 +10,7 @@ init_weights.npz, weights.npz and results.json.
 import argparse
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -89,13 +90,25 @@ def train_model(args, mnist, run_dir, weight_decay=None):
 def main(argv=None):
     args = make_parser().parse_args(argv)
     check_args(args)
-    print_summary(args)
     if args.summary_only:
+        print_summary(args)
         return
     mnist = load_data(args)
     run_dir = cli.make_run_dir(args.save_dir, args.run_name, SCRIPT, args.overwrite)
+    print_summary(args)
     train_model(args, mnist, run_dir)
 
 
+def run(main):
+    """cli.run with the exit code it promises, 2, for a UserError (cli.run exits 1; drop this once it is fixed)."""
+    try:
+        cli.run(main)
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):  # cli.run's one-line message
+            print(exit_.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
 if __name__ == '__main__':
-    cli.run(main)
+    run(main)

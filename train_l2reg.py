@@ -83,11 +83,12 @@ def main(argv=None):
     weight_decays = None if args.sweep is None else (args.sweep or cli.LAB_SWEEP)
     if weight_decays is not None and len({f'{wd:g}' for wd in weight_decays}) < len(weight_decays):
         raise cli.UserError(f"--sweep lists a lambda twice: {' '.join(f'{wd:g}' for wd in weight_decays)}")
-    train.print_summary(args)
     if args.summary_only:
+        train.print_summary(args)
         return
     mnist = train.load_data(args)
     run_dir = cli.make_run_dir(args.save_dir, args.run_name, SCRIPT, args.overwrite)
+    train.print_summary(args)
     if weight_decays is None:
         train.train_model(args, mnist, run_dir, args.weight_decay)
     else:
@@ -95,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    cli.run(main)
+    train.run(main)

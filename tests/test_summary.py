@@ -1,0 +1,120 @@
+"""nn.model_summary against independent computations: shapes and parameter counts from the same net
+in PyTorch, receptive fields from gradients through PyTorch, kept memory from what the layers store."""
+import numpy as np
+import pytest
+import torch
+
+import layers
+import nn
+
+BATCH = 50
+
+
+def torch_lab_net():
+    """The lab's net in torch.nn, one module per layer of nn.lab_mnist_net, in the same order."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(1568, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+
+
+@pytest.fixture(scope='module')
+def summary():
+    np.random.seed(0)
+    net, _ = nn.lab_mnist_net(BATCH, np.float32)
+    return net, nn.model_summary(net, BATCH)
+
+
+def test_shapes_and_parameter_counts_match_torch(summary):
+    net, rows = summary
+    model = torch_lab_net()
+    x = torch.zeros(BATCH, 1, 28, 28)
+    assert [row['name'] for row in rows] == [layer.name for layer in net] + ['loss']
+    for row, module in zip(rows, model):
+        x = module(x)
+        assert row['shape'] == tuple(x.shape), row['name']
+        assert row['params'] == sum(p.numel() for p in module.parameters()), row['name']
+    assert sum(row['params'] for row in rows) == sum(p.numel() for p in model.parameters()) == 821_706
+
+
+def receptive_field_by_gradient(model, depth):
+    """Side of the input square that one central output unit of model[:depth] depends on.
+
+    Backpropagates a one-hot gradient and measures the nonzero input pixels. Max pooling is swapped for
+    average pooling of the same window (same connectivity, but every input of the window gets gradient),
+    and weights are set to 1 so no contributions cancel; ReLUs pass everything of an all-ones input.
+    """
+    layers_ = []
+    for module in model[:depth]:
+        if isinstance(module, torch.nn.MaxPool2d):
+            module = torch.nn.AvgPool2d(module.kernel_size, module.stride)
+        elif isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.ones_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+        layers_.append(module)
+    x = torch.ones(1, 1, 28, 28, requires_grad=True)
+    out = torch.nn.Sequential(*layers_)(x)
+    grad = torch.zeros_like(out)
+    grad[0, 0, out.shape[2] // 2, out.shape[3] // 2] = 1
+    out.backward(grad)
+    rows, cols = np.nonzero(x.grad[0, 0].numpy())
+    assert rows.size == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)  # a full square
+    return rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+
+
+def test_receptive_fields_match_gradients_through_torch(summary):
+    _, rows = summary
+    model = torch_lab_net()
+    for depth, row in enumerate(rows[:6], start=1):  # conv1 .. relu2: the spatial layers
+        assert receptive_field_by_gradient(model, depth) == (row['rf'], row['rf']), row['name']
+    by_name = {row['name']: row['rf'] for row in rows}
+    assert by_name['conv2'] == 14  # the lab's question: features of the last conv layer see 14x14 pixels
+    assert by_name['fc3'] is None and by_name['logits'] is None  # fully connected: the whole image
+
+
+def test_kept_memory_is_what_the_layers_store(summary):
+    """Elements the summary counts = the textbook's count for this implementation, and after a real
+    batch through a float64 net the stored arrays take exactly the summary's float64 bytes."""
+    _, rows = summary
+    by_name = {row['name']: row for row in rows}
+    float_elements = {'conv1': 25 * BATCH * 28 * 28,   # im2col columns: C*k*k x N*H*W
+                      'conv2': 400 * BATCH * 14 * 14,
+                      'fc3': BATCH * 1568, 'logits': BATCH * 512,  # FC keeps its input
+                      'loss': BATCH * 10}                # the logits
+    for name, elements in float_elements.items():
+        assert by_name[name]['bytes'] == {'float32': 4 * elements, 'float64': 8 * elements}, name
+    for name, elements in {'relu1': BATCH * 16 * 14 * 14, 'relu2': BATCH * 32 * 7 * 7, 'relu3': BATCH * 512}.items():
+        assert by_name[name]['bytes']['float32'] == elements, name  # a bool mask per element
+    assert by_name['flatten3']['bytes']['float32'] == 0
+
+    np.random.seed(0)
+    net, _ = nn.lab_mnist_net(BATCH, np.float64)
+    nn.forward_pass(net, np.random.default_rng(0).standard_normal((BATCH, 1, 28, 28)))
+    stored = {'conv': 'x_cols', 'pool': 'argmax', 'relu': 'positive', 'fc3': 'inputs', 'logits': 'inputs'}
+    for layer in net:
+        attribute = next((a for prefix, a in stored.items() if layer.name.startswith(prefix)), None)
+        expected = getattr(layer, attribute).nbytes if attribute else 0
+        assert by_name[layer.name]['bytes']['float64'] == expected, layer.name
+
+
+def test_summary_table_prints_the_answers(summary):
+    net, rows = summary
+    text = nn.format_summary(rows, net[0].input_shape)
+    assert '821,706' in text and '14x14' in text and 'all 28x28' in text
+    assert text.splitlines()[-1].startswith('total')
+
+
+def test_receptive_field_with_strided_pooling():
+    """pool(3, 2) as in the lab's CIFAR net: overlapping windows, stride 2."""
+    x = np.zeros((2, 1, 32, 32), dtype=np.float32)
+    net = [layers.Convolution(x, 4, 5, 'conv1')]
+    net += [layers.MaxPooling(net[-1], 'pool1', pool_size=3, stride=2)]
+    net += [layers.Convolution(net[-1], 4, 5, 'conv2')]
+    rows = nn.model_summary(net, 2)
+    # conv1: 5; pool 3 over jump 1: 5 + 2 = 7, jump 2; conv2 5 over jump 2: 7 + 4*2 = 15
+    assert [row['rf'] for row in rows[:3]] == [5, 7, 15]
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5, padding=2), torch.nn.MaxPool2d(3, 2),
+                                torch.nn.Conv2d(4, 4, 5, padding=2))
+    for depth in (1, 2, 3):
+        rf = receptive_field_by_gradient(model, depth)
+        assert rf == (rows[depth - 1]['rf'],) * 2

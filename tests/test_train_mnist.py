@@ -1,0 +1,190 @@
+"""train.py and train_l2reg.py: the lr policy, seeding, the NaN guard, results.json, bad input on the
+command line, and (integration) a short run on the real MNIST."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cli
+import data
+import nn
+import train
+import train_l2reg
+from conftest import ROOT, make_synthetic_mnist
+
+EPOCH_KEYS = ['epoch', 'lr', 'train_loss', 'train_acc', 'valid_loss', 'valid_acc', 'data_loss', 'reg_loss',
+              'seconds', 'images_per_second']
+RESULT_KEYS = ['config', 'initial_loss', 'epochs', 'test_loss', 'test_acc', 'seconds_per_epoch', 'images_per_second']
+
+
+@pytest.fixture(scope='module')
+def small_mnist(tmp_path_factory):
+    """Synthetic MNIST, split small enough to train on in a second: 200 train, 100 validation, 50 test."""
+    root = make_synthetic_mnist(str(tmp_path_factory.mktemp('mnist')), num_train=300, num_test=50)
+    return data.prepare_mnist(root, np.float32, valid_size=100, download=False)
+
+
+def parse(*flags):
+    return train.make_parser().parse_args(['--draw-every', '1000', *flags])
+
+
+def train_small(mnist, run_dir, policy='1:0.1', epochs=2, **overrides):
+    np.random.seed(0)
+    net, loss = nn.lab_mnist_net(50, np.float32)
+    results = {'epochs': []}
+    nn.train(net, loss, mnist, str(run_dir), results, epochs=epochs, batch_size=50,
+             lr_policy=cli.parse_lr_policy(policy), **overrides)
+    return net, results
+
+
+def test_the_lab_lr_policy():
+    policy = cli.parse_lr_policy(cli.LAB_LR_POLICY)
+    assert [cli.lr_at(policy, epoch) for epoch in range(1, 9)] == [1e-1, 1e-1, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4]
+    assert train.make_parser().parse_args([]).lr_policy == policy  # the scripts' default
+
+
+def test_train_steps_with_the_policy_lr(small_mnist, tmp_path, monkeypatch):
+    used = []
+    real_update = nn.sgd_update_params
+    monkeypatch.setattr(nn, 'sgd_update_params', lambda grads, config: (used.append(config['lr']),
+                                                                         real_update(grads, config)))
+    _, results = train_small(small_mnist, tmp_path, policy='1:0.1,2:0.01,3:0.001', epochs=3)
+    assert used == [0.1] * 4 + [0.01] * 4 + [0.001] * 4  # 200 images / 50 = 4 steps per epoch
+    assert [record['lr'] for record in results['epochs']] == [0.1, 0.01, 0.001]
+
+
+def test_same_seed_same_numbers(small_mnist, tmp_path):
+    def run(seed, name):
+        args = parse('--seed', str(seed), '--epochs', '1')
+        results, net = train.train_model(args, small_mnist, str(tmp_path / name))
+        losses = [(r['train_loss'], r['valid_loss'], r['valid_acc']) for r in results['epochs']]
+        return results['initial_loss'], losses, nn.parameters(net)
+
+    for name in ('a', 'b', 'c'):
+        os.makedirs(tmp_path / name)
+    first, again, other = run(1, 'a'), run(1, 'b'), run(2, 'c')
+    assert first[:2] == again[:2]
+    for key, value in first[2].items():
+        np.testing.assert_array_equal(value, again[2][key])
+    assert first[0] != other[0] and first[1] != other[1]
+
+
+def test_results_json_schema_and_outputs(small_mnist, tmp_path):
+    results, _ = train.train_model(parse('--epochs', '2'), small_mnist, str(tmp_path))
+    with open(tmp_path / 'results.json') as f:
+        saved = json.load(f)
+    assert list(saved) == RESULT_KEYS
+    assert [list(record) for record in saved['epochs']] == [EPOCH_KEYS] * 2
+    assert saved['config']['epochs'] == 2 and saved['config']['batch_size'] == 50
+    for record in saved['epochs']:
+        assert 0 <= record['train_acc'] <= 1 and 0 <= record['valid_acc'] <= 1
+        assert record['reg_loss'] == 0 and record['train_loss'] == record['data_loss']
+    assert 0 <= saved['test_acc'] <= 1
+    assert saved['epochs'][-1]['train_loss'] < saved['initial_loss']  # it learned something
+    # the initial loss of a fresh net is about ln(10): a nearly uniform softmax over 10 classes
+    assert abs(saved['initial_loss'] - np.log(10)) < 0.3
+    for name in ('init_weights.npz', 'weights.npz', 'training_plot.png', 'conv1_epoch_00_step_000000.png',
+                 'conv1_epoch_02_step_000008.png'):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_regularized_losses_add_up(small_mnist, tmp_path):
+    results, net = train.train_model(parse('--epochs', '1'), small_mnist, str(tmp_path), weight_decay=0.01)
+    record = results['epochs'][0]
+    weights = nn.parameters(net)
+    expected_reg = 0.005 * sum(np.sum(weights[f'{name}.weights'].astype(np.float64) ** 2)
+                               for name in ('conv1', 'conv2', 'fc3'))
+    assert record['reg_loss'] == pytest.approx(expected_reg, rel=1e-5)
+    assert record['train_loss'] == pytest.approx(record['data_loss'] + record['reg_loss'])
+
+
+def test_injected_nan_stops_at_the_first_step(small_mnist, tmp_path):
+    np.random.seed(0)
+    net, loss = nn.lab_mnist_net(50, np.float32)
+    net[0].weights[0, 0] = np.nan
+    with pytest.raises(nn.Diverged, match=r'nan at epoch 1, step 1 of 4.*init_weights.npz'):
+        nn.train(net, loss, small_mnist, str(tmp_path), {'epochs': []}, epochs=1, batch_size=50,
+                 lr_policy={1: 0.1})
+    assert (tmp_path / 'init_weights.npz').is_file() and not (tmp_path / 'weights.npz').exists()
+
+
+def test_huge_lr_stops_training_and_keeps_the_last_good_weights(small_mnist, tmp_path):
+    with pytest.raises(nn.Diverged, match=r'epoch 2.*weights.npz') as error:
+        train_small(small_mnist, tmp_path, policy='1:0.01,2:1e9', epochs=2)
+    assert 'init_weights' not in str(error.value)
+    with np.load(tmp_path / 'weights.npz') as saved:  # epoch 1's weights, untouched by epoch 2
+        assert all(np.isfinite(saved[key]).all() for key in saved.files)
+    with open(tmp_path / 'results.json') as f:
+        assert [record['epoch'] for record in json.load(f)['epochs']] == [1]
+
+
+def run_script(*args, script='train.py'):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize('script, flags, message', [
+    ('train.py', ['--epochs', '0'], 'positive integer'),
+    ('train.py', ['--lr-policy', '1:-0.1'], 'learning rates positive'),
+    ('train.py', ['--batch-size', '0'], 'positive integer'),
+    ('train.py', ['--batch-size', '2.5'], 'not an integer'),
+    ('train.py', ['--batch-size', '300', '--limit', '200'], 'larger than the 200 training images'),
+    ('train.py', ['--batch-size', '60000'], 'larger than the 55000 training images'),
+    ('train.py', ['--dtype', 'float16'], 'invalid choice'),
+    ('train_l2reg.py', ['--weight-decay', '-1'], 'must be a number >= 0'),
+    ('train_l2reg.py', ['--sweep', '0.01', '1e-2'], 'lists a lambda twice'),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, script, flags, message):
+    result = run_script('--save-dir', str(tmp_path), '--data-dir', str(tmp_path / 'nothing'), *flags, script=script)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert 'Traceback' not in result.stderr and result.stdout == ''
+    assert os.listdir(tmp_path) == []  # no run folder, no download attempt
+
+
+def test_summary_only(tmp_path):
+    result = run_script('--summary-only', '--save-dir', str(tmp_path))
+    assert result.returncode == 0 and '821,706' in result.stdout and '14x14' in result.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_sweep_writes_the_comparison(small_mnist, tmp_path, capsys):
+    args = train.make_parser(weight_decay=1e-3).parse_args(
+        ['--epochs', '1', '--draw-every', '1000', '--sweep', '0', '0.1'])
+    rows = train_l2reg.sweep(args, small_mnist, str(tmp_path), args.sweep)
+    for name in ('sweep.json', 'sweep.md', 'sweep_filters.png'):
+        assert (tmp_path / name).is_file(), name
+    with open(tmp_path / 'sweep.json') as f:
+        assert json.load(f) == rows
+    assert [row['weight_decay'] for row in rows] == [0, 0.1]
+    for row, folder in zip(rows, ('wd_0', 'wd_0.1')):
+        with open(tmp_path / folder / 'results.json') as f:
+            results = json.load(f)
+        assert results['config']['weight_decay'] == row['weight_decay'] and results['config']['sweep'] is None
+        assert row['test_acc'] == results['test_acc'] and row['reg_loss'] == results['epochs'][-1]['reg_loss']
+        with np.load(tmp_path / folder / 'weights.npz') as weights:
+            assert row['conv1_mean_abs_weight'] == pytest.approx(np.abs(weights['conv1.weights']).mean())
+    assert rows[0]['reg_loss'] == 0 < rows[1]['reg_loss']
+    with np.load(tmp_path / 'wd_0' / 'init_weights.npz') as a, np.load(tmp_path / 'wd_0.1' / 'init_weights.npz') as b:
+        np.testing.assert_array_equal(a['conv1.weights'], b['conv1.weights'])  # every lambda starts alike
+    table = capsys.readouterr().out
+    assert '| 0.1 |' in table and '| 0.1 |' in (tmp_path / 'sweep.md').read_text()
+
+
+@pytest.mark.integration
+def test_quick_run_on_real_mnist(mnist_dir, tmp_path):
+    result = run_script('--data-dir', mnist_dir, '--save-dir', str(tmp_path), '--run-name', 'q',
+                        '--limit', '2000', '--epochs', '1', '--draw-every', '20')
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / 'q'
+    with open(run_dir / 'results.json') as f:
+        results = json.load(f)
+    assert results['epochs'][-1]['valid_acc'] > 0.8
+    assert results['test_acc'] > 0.8
+    for name in ('init_weights.npz', 'weights.npz', 'training_plot.png', 'conv1_epoch_00_step_000000.png',
+                 'conv1_epoch_01_step_000020.png', 'conv1_epoch_01_step_000040.png'):
+        assert (run_dir / name).is_file(), name
+    assert 'ln(10)' in result.stdout and '821,706' in result.stdout
