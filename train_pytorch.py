@@ -13,8 +13,10 @@ framework's (weight_decay / 2) * sum(w**2) loss term. The optimiser never sees
 that term as a loss, so it is computed separately wherever a loss is reported:
 every reported loss (initial_loss, train_loss, valid_loss, test_loss) is the
 regularised objective data_loss + reg_loss, the value RegularizedLoss.forward
-gives in the NumPy scripts. train_loss and train_acc are measured on the whole
-training set after each epoch (not averaged over the epoch's changing weights).
+gives in the NumPy scripts; data_loss is the training set's cross-entropy alone.
+initial_loss is measured on the validation set before the first step, train_loss
+and train_acc on the whole training set after each epoch (not averaged over the
+epoch's changing weights).
 
 Weights are written in the NumPy framework's .npz layout (nn.save_params), so
 --init-from accepts initial weights exported by the NumPy scripts and the NumPy
