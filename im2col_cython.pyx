@@ -175,31 +175,45 @@ def _check_cols(cols, shape, dtype, what):
                          f"got {cols.dtype} {cols.shape}")
 
 
-cdef void _max_pool_plane(const floating[:, :, ::1] x, floating[:, :, ::1] out, int[:, :, ::1] argmax,
-                          Py_ssize_t plane, int pool_size, int stride) noexcept nogil:
-    cdef Py_ssize_t W = x.shape[2], y, xo, i, j, best_index, index
-    cdef floating best, value
-    for y in range(out.shape[1]):
-        for xo in range(out.shape[2]):
-            best_index = (y * stride) * W + xo * stride
-            best = x[plane, y * stride, xo * stride]
+cdef void _max_pool_plane(const floating *x, floating *out, int *argmax, Py_ssize_t H, Py_ssize_t W,
+                          Py_ssize_t out_h, Py_ssize_t out_w, int pool_size, int stride) noexcept nogil:
+    """One (H, W) plane; out and argmax are its (out_h, out_w) planes."""
+    cdef Py_ssize_t y, xo, i, j, top_left, index, best, k
+    cdef bint has_nan = False
+    for y in range(out_h):
+        for xo in range(out_w):
+            top_left = y * stride * W + xo * stride
+            best = top_left
             for i in range(pool_size):
                 for j in range(pool_size):
-                    index = (y * stride + i) * W + xo * stride + j
-                    value = x[plane, y * stride + i, xo * stride + j]
-                    # '>' keeps the first maximum; a NaN wins (the first one), as in NumPy and PyTorch
-                    if value > best or (value != value and best == best):
-                        best = value
-                        best_index = index
-            out[plane, y, xo] = best
-            argmax[plane, y, xo] = <int>best_index
+                    index = top_left + i * W + j
+                    if x[index] > x[best]:   # '>' keeps the first maximum (PyTorch's choice)
+                        best = index
+            out[y * out_w + xo] = x[best]
+            argmax[y * out_w + xo] = <int>best
+    # A NaN must win its window, the first one, as in NumPy and PyTorch. Testing for NaN inside the
+    # loop above makes it ~2-5x slower; a separate pass over the plane is cheap (vectorised), and
+    # only a plane that holds a NaN is gone through again.
+    for k in range(H * W):
+        has_nan |= x[k] != x[k]
+    if not has_nan:
+        return
+    for y in range(out_h):
+        for xo in range(out_w):
+            top_left = y * stride * W + xo * stride
+            for index in range(pool_size * pool_size - 1, -1, -1):   # backwards: the first NaN is set last
+                k = top_left + index // pool_size * W + index % pool_size
+                if x[k] != x[k]:
+                    out[y * out_w + xo] = x[k]
+                    argmax[y * out_w + xo] = <int>k
 
 
 def _max_pool_fill(const floating[:, :, ::1] x, floating[:, :, ::1] out, int[:, :, ::1] argmax,
                    int pool_size, int stride, int num_threads):
     cdef Py_ssize_t plane
     for plane in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        _max_pool_plane(x, out, argmax, plane, pool_size, stride)
+        _max_pool_plane(&x[plane, 0, 0], &out[plane, 0, 0], &argmax[plane, 0, 0], x.shape[1], x.shape[2],
+                        out.shape[1], out.shape[2], pool_size, stride)
 
 
 def _max_pool_backward_fill(const floating[:, ::1] grad_out, const int[:, ::1] argmax, floating[:, ::1] dx,
