@@ -234,10 +234,9 @@ def model_summary(net, batch_size=50):
     x = np.zeros((batch_size,) + tuple(net[0].input_shape[1:]), dtype=net[0].dtype)
     rows, rf, jump = [], 1, 1
     for layer in net:
-        before = {name: id(value) for name, value in vars(layer).items()}
         x = layer.forward(x)
         kept = {name: value for name, value in vars(layer).items()
-                if isinstance(value, np.ndarray) and before.get(name) != id(value)}
+                if isinstance(value, np.ndarray) and name not in ('weights', 'bias')}
         if isinstance(layer, layers.Convolution):
             rf, jump = rf + (layer.kernel_size - 1) * jump, jump * layer.stride
         elif isinstance(layer, layers.MaxPooling):
