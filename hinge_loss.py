@@ -9,6 +9,7 @@ The training itself is train_cifar.py's (train_cifar.py --loss hinge trains the 
 defines the loss and the comparison. The hinge model's scores are not probabilities: the figure of
 misclassified images shows their softmax for display only, and says so.
 """
+import argparse
 import os
 
 import torch
@@ -68,7 +69,7 @@ def _comparison_table(results):
 def main():
     import train_cifar  # not at the top: train_cifar imports this file's loss
 
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=train_cifar.HelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train_cifar.add_training_args(parser)
     parser.add_argument('--compare', action='store_true',
                         help='also train with cross-entropy (same data, seed and schedule) and compare the two')
@@ -98,4 +99,5 @@ def main():
 
 
 if __name__ == '__main__':
-    cli.run(main)
+    import train_cifar
+    train_cifar.run(main)  # cli.run with exit status 2 on a UserError

@@ -1,8 +1,15 @@
 """multiclass_hinge_loss against PyTorch's own multi_margin_loss (an independent implementation) and by hand."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+import skimage.io
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT
 from hinge_loss import multiclass_hinge_loss
 
 
@@ -52,3 +59,32 @@ def test_bad_input_raises_value_error_naming_both_shapes(logits_shape, target):
     with pytest.raises(ValueError) as error:
         multiclass_hinge_loss(torch.zeros(logits_shape), target)
     assert str(tuple(logits_shape)) in str(error.value) and str(tuple(target.shape)) in str(error.value)
+
+
+def test_compare_trains_both_losses_from_the_same_start_and_writes_the_comparison(synthetic_cifar, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'hinge_loss.py'), '--compare', '--data-dir', synthetic_cifar,
+                             '--valid-size', '40', '--limit', '100', '--epochs', '1', '--save-dir', str(tmp_path),
+                             '--run-name', 'cmp', '--device', 'cpu'], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / 'cmp'
+    assert {'compare.md', 'compare.json', 'compare.png', 'hinge', 'ce'} <= set(os.listdir(run_dir))
+    hinge, ce = (json.loads((run_dir / name / 'results.json').read_text()) for name in ('hinge', 'ce'))
+    assert (hinge['loss'], hinge['config']['lr']) == ('hinge', 0.01) and (ce['loss'], ce['config']['lr']) == ('ce', 0.1)
+    # the same seed: the same initial filters, the same data
+    assert (run_dir / 'hinge' / 'conv1_epoch_00.png').read_bytes() == (run_dir / 'ce' / 'conv1_epoch_00.png').read_bytes()
+    assert hinge['data'] == ce['data']
+    comparison = json.loads((run_dir / 'compare.json').read_text())
+    assert set(comparison['runs']) == {'hinge', 'cross-entropy'}
+    assert comparison['runs']['hinge']['test']['accuracy'] == hinge['test']['accuracy']
+    table = (run_dir / 'compare.md').read_text()
+    assert '| hinge |' in table and '| cross-entropy |' in table and 'recall truck' in table
+    assert '| hinge |' in result.stdout
+    assert skimage.io.imread(run_dir / 'compare.png').ndim == 3
+
+
+def test_divergence_is_a_one_line_error(synthetic_cifar, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'hinge_loss.py'), '--data-dir', synthetic_cifar,
+                             '--valid-size', '40', '--epochs', '1', '--lr', '1e6', '--save-dir', str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith('error: hinge training diverged in epoch 1')

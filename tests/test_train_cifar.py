@@ -1,0 +1,107 @@
+"""train_cifar.py end to end: every file it writes, the command-line errors, and learning on the real stand-in."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skimage.io
+import torch
+
+import data
+import metrics
+from conftest import ROOT
+from train_cifar import ConvNet, batch_loader, make_parser
+
+SCRIPT = os.path.join(ROOT, 'train_cifar.py')
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize('padding, features', [(2, 32 * 7 * 7), (1, 32 * 5 * 5), (0, 32 * 4 * 4)])
+def test_model_shapes(padding, features):
+    model = ConvNet(padding)
+    assert model.fc1.in_features == features
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_batch_loader_yields_every_image_once_per_epoch_in_seeded_order():
+    x, y = torch.arange(120.).reshape(120, 1), torch.arange(120)
+    batches = list(batch_loader(x, y, 50, torch.Generator().manual_seed(1)))
+    assert [len(bx) for bx, _ in batches] == [50, 50, 20]
+    seen = torch.cat([by for _, by in batches])
+    assert sorted(seen.tolist()) == list(range(120)) and seen.tolist() != list(range(120))
+    assert all(torch.equal(bx[:, 0].long(), by) for bx, by in batches)  # images and labels stay paired
+    again = torch.cat([by for _, by in batch_loader(x, y, 50, torch.Generator().manual_seed(1))])
+    assert torch.equal(seen, again)
+
+
+def test_quick_run_writes_every_file(synthetic_cifar, tmp_path):
+    result = _run('--data-dir', synthetic_cifar, '--valid-size', '40', '--limit', '100', '--epochs', '1',
+                  '--save-dir', str(tmp_path), '--run-name', 'quick', '--device', 'cpu')
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / 'quick'
+    assert sorted(os.listdir(run_dir)) == ['best_model.pt', 'confusion_matrix.png', 'conv1_epoch_00.png',
+                                           'conv1_epoch_01.png', 'misclassified.png', 'results.json',
+                                           'training_progress.png']
+    results = json.loads((run_dir / 'results.json').read_text())
+    assert results['config']['epochs'] == 1 and results['config']['padding'] == 2 and results['loss'] == 'ce'
+    assert results['data'] | {'mean': None, 'std': None} == {
+        'originals': False, 'num_train': 100, 'num_valid': 40, 'num_test': 40, 'mean': None, 'std': None}
+    history = results['history']
+    assert {len(values) for values in history.values()} == {1}
+    assert history['lr'] == [0.1] and results['best_epoch'] == 1
+    assert results['seconds_per_epoch'] > 0 and results['images_per_second'] > 0
+    assert history['valid_acc'][0] == results['valid']['accuracy']
+    assert list(results['test']['recall']) == data.CIFAR_CLASSES and len(results['test']['precision']) == 10
+    assert np.array(results['test']['confusion']).sum() == 40
+
+    # the checkpoint loads safely and reproduces the reported test accuracy
+    model = ConvNet(padding=2)
+    model.load_state_dict(torch.load(run_dir / 'best_model.pt', weights_only=True))
+    prepared = data.prepare_cifar10(synthetic_cifar, valid_size=40, seed=42, download=False)
+    scores = metrics.evaluate(model, torch.from_numpy(prepared['test_x']), torch.from_numpy(prepared['test_y']))
+    assert scores['accuracy'] == pytest.approx(results['test']['accuracy'])
+
+    filters = skimage.io.imread(run_dir / 'conv1_epoch_00.png')
+    assert filters.ndim == 3 and filters.shape[2] == 3  # conv1's filters in colour
+    assert not np.array_equal(filters, skimage.io.imread(run_dir / 'conv1_epoch_01.png'))  # training moved them
+    for figure in ('training_progress.png', 'confusion_matrix.png', 'misclassified.png'):
+        assert skimage.io.imread(run_dir / figure).shape[0] > 300
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--epochs', '0'], 'argument --epochs: must be a positive integer'),
+    (['--lr', 'fast'], "argument --lr: 'fast' is not a number"),
+    (['--weight-decay', '-1'], 'argument --weight-decay: must be a number >= 0'),
+    (['--padding', '3'], 'argument --padding: invalid choice'),
+    (['--device', 'tpu'], 'argument --device: invalid choice'),
+    (['--loss', 'mse'], 'argument --loss: invalid choice'),
+])
+def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        make_parser().parse_args(flags)
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert message in stderr and stderr.count('\n') == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without a GPU')
+def test_cuda_without_gpu_is_a_one_line_error_before_any_work(tmp_path):
+    result = _run('--device', 'cuda', '--save-dir', str(tmp_path))
+    assert result.returncode == 2 and result.stderr == 'error: --device cuda: no CUDA GPU is available here (use --device cpu or auto)\n'
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.integration
+def test_learns_on_the_real_stand_in(cifar_dir, tmp_path):
+    result = _run('--data-dir', cifar_dir, '--limit', '3000', '--batch-size', '25', '--epochs', '2',
+                  '--save-dir', str(tmp_path), '--run-name', 'real')
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / 'real' / 'results.json').read_text())
+    assert results['data']['num_valid'] == 5000 and results['data']['num_test'] == 10000
+    assert results['test']['accuracy'] > 0.25  # chance is 0.10
+    assert results['valid']['accuracy'] > 0.25
