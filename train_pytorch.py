@@ -171,13 +171,12 @@ def make_loader(x, y, batch_size, shuffle=False, generator=None):
 
 
 def train_step(model, optimizer, x, y):
-    """One SGD step on a batch; returns the batch's data loss and correct count, from before the update."""
+    """One SGD step on a batch; returns the batch's data loss, from before the update."""
     optimizer.zero_grad(set_to_none=True)
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(model(x), y)
     loss.backward()
     optimizer.step()
-    return loss.item(), (logits.argmax(1) == y).sum().item()
+    return loss.item()
 
 
 @torch.no_grad()
@@ -257,7 +256,7 @@ def train(args, tensors, run_dir, device):
         start = time.perf_counter()
         progress = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs} lr {lr:g}", leave=False)
         for x, y in progress:
-            loss, _ = train_step(model, optimizer, x, y)
+            loss = train_step(model, optimizer, x, y)
             step += 1
             if step % args.draw_every == 0:
                 draw_filters(model, run_dir, epoch, step, writer)
@@ -362,7 +361,7 @@ def compare_with_numpy(x, y, steps, batch_size, lr, weight_decay, seed, device=t
         numpy_nn.sgd_update_params(numpy_nn.backward_pass(net, loss, logits, yb), {'lr': lr})
 
         torch_reg = reg_loss(optimizer)
-        torch_data, _ = train_step(model, optimizer, torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device))
+        torch_data = train_step(model, optimizer, torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device))
         torch_loss = torch_data + torch_reg
         rows.append((step + 1, numpy_loss, torch_loss, relative_difference(numpy_loss, torch_loss)))
 
