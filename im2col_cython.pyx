@@ -74,6 +74,39 @@ cdef void _im2col_image(const floating[:, :, :, ::1] x, floating[:, :] cols, Py_
                     memset(dst + hi, 0, (out_w - hi) * sizeof(floating))
 
 
+cdef void _im2col_image_same(const floating[:, :, :, ::1] x, floating[:, :] cols, Py_ssize_t n,
+                             int field_height, int field_width, int padding) noexcept nogil:
+    """_im2col_image for stride 1 and output size == input size ('SAME' padding), the lab's convolutions.
+
+    Then kernel tap (i, j) reads the image plane shifted by (i - padding) * W + (j - padding):
+    a row of cols is one long copy of the plane, plus zeros where the shift runs off the
+    image. Copying whole planes instead of out_w values at a time is ~2x faster.
+    """
+    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], size = H * W
+    cdef Py_ssize_t c, i, j, y, xo, ylo, yhi, lo, hi, first, last
+    cdef floating *dst
+    cdef const floating *src
+    for c in range(C):
+        src = &x[n, c, 0, 0]
+        for i in range(field_height):
+            _valid_range(H, i - padding, 1, H, &ylo, &yhi)
+            for j in range(field_width):
+                _valid_range(W, j - padding, 1, W, &lo, &hi)
+                dst = &cols[(c * field_height + i) * field_width + j, n * size]
+                if ylo >= yhi or lo >= hi:
+                    memset(dst, 0, size * sizeof(floating))
+                    continue
+                first, last = ylo * W + lo, (yhi - 1) * W + hi   # the entries that read inside the image
+                memset(dst, 0, first * sizeof(floating))
+                memcpy(dst + first, src + first + (i - padding) * W + (j - padding), (last - first) * sizeof(floating))
+                memset(dst + last, 0, (size - last) * sizeof(floating))
+                for y in range(ylo, yhi):   # the copy ran across row ends: zero what fell off the sides
+                    for xo in range(lo):
+                        dst[y * W + xo] = 0
+                    for xo in range(hi, W):
+                        dst[y * W + xo] = 0
+
+
 cdef void _col2im_image(const floating[:, :] cols, floating[:, :, :, ::1] dx, Py_ssize_t n,
                         int field_height, int field_width, int padding, int stride,
                         Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
@@ -104,8 +137,12 @@ def _im2col_fill(const floating[:, :, :, ::1] x, floating[:, :] cols,
                  int field_height, int field_width, int padding, int stride,
                  Py_ssize_t out_h, Py_ssize_t out_w, int num_threads):
     cdef Py_ssize_t n
+    cdef bint same = stride == 1 and out_h == x.shape[2] and out_w == x.shape[3]
     for n in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        _im2col_image(x, cols, n, field_height, field_width, padding, stride, out_h, out_w)
+        if same:
+            _im2col_image_same(x, cols, n, field_height, field_width, padding)
+        else:
+            _im2col_image(x, cols, n, field_height, field_width, padding, stride, out_h, out_w)
 
 
 def _col2im_fill(const floating[:, :] cols, floating[:, :, :, ::1] dx,

@@ -65,6 +65,16 @@ def test_cython_equals_the_numpy_reference_exactly(case, dtype):
 
 
 @needs_cython
+@pytest.mark.parametrize('field_height, field_width, padding', [(3, 1, 1), (1, 3, 0), (5, 3, 2), (3, 5, 1)])
+def test_rectangular_fields(field_height, field_width, padding):
+    x = np.random.default_rng(3).standard_normal((2, 3, 7, 6))
+    cols = cython.im2col_cython(x, field_height, field_width, padding, 1)
+    np.testing.assert_array_equal(cols, im2col_numpy(x, field_height, field_width, padding, 1))
+    np.testing.assert_array_equal(cython.col2im_cython(cols, 2, 3, 7, 6, field_height, field_width, padding, 1),
+                                  col2im_numpy(cols, 2, 3, 7, 6, field_height, field_width, padding, 1))
+
+
+@needs_cython
 def test_threads_give_the_same_result():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((5, 3, 9, 7))

@@ -331,3 +331,19 @@ def test_lab_net_loss_and_gradients_match_torch(weight_decay):
     assert len(regularizer_grads) == (3 if weight_decay else 0)
     for (weights, grad), name in regularizer_grads:
         assert_close(grad, weight_decay * weights)
+
+
+def test_lab_net_float32_stays_float32_and_matches_torch():
+    np.random.seed(1)
+    net, loss = nn.lab_mnist_net(batch_size=4, dtype=np.float32)
+    rng = np.random.default_rng(11)
+    x, y = rng.standard_normal((4, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 4)
+    logits = nn.forward_pass(net, x)
+    assert logits.dtype == np.float32
+    grads = nn.backward_pass(net, loss, logits, y)
+    model, modules = torch_lab_net(net)   # float64 oracle from the same float32 weights
+    F.cross_entropy(model(torch.from_numpy(x.astype(np.float64))), torch.from_numpy(y)).backward()
+    for (weights, grad_weights), (bias, grad_bias), name in grads:
+        assert grad_weights.dtype == grad_bias.dtype == np.float32, name
+        assert_close(grad_weights, modules[name].weight.grad.reshape(weights.shape), rtol=1e-5)
+        assert_close(grad_bias, modules[name].bias.grad, rtol=1e-5)
