@@ -100,9 +100,11 @@ def run(main):
     try:
         main()
     except UserError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------- MNIST training flags (tasks 1-3)
