@@ -10,7 +10,6 @@ init_weights.npz, weights.npz and results.json.
 import argparse
 import math
 import os
-import sys
 
 import numpy as np
 
@@ -67,8 +66,8 @@ def train_model(args, mnist, run_dir, weight_decay=None):
     results = {'config': vars(args), 'initial_loss': valid_data_loss + nn.regularization(loss), 'epochs': []}
     print(f"initial validation loss {valid_data_loss:.4f} (accuracy {valid_acc:.1%}), ln(10) = {math.log(10):.4f}"
           + (f", plus {nn.regularization(loss):.4f} regularisation" if weight_decay else "") + ":\n"
-          f"  small random weights give small, nearly equal logits, so the softmax is about uniform (1/10 per class)"
-          f" and the cross-entropy is -ln(1/10) = ln(10)")
+          "  small random weights give small, nearly equal logits, so the softmax is about uniform (1/10 per class)"
+          " and the cross-entropy is -ln(1/10) = ln(10)")
 
     title = 'NumPy' + (f', lambda = {weight_decay:g}' if weight_decay is not None else '')
     nn.train(net, loss, mnist, run_dir, results, epochs=args.epochs, batch_size=args.batch_size,
@@ -99,16 +98,5 @@ def main(argv=None):
     train_model(args, mnist, run_dir)
 
 
-def run(main):
-    """cli.run with the exit code it promises, 2, for a UserError (cli.run exits 1; drop this once it is fixed)."""
-    try:
-        cli.run(main)
-    except SystemExit as exit_:
-        if isinstance(exit_.code, str):  # cli.run's one-line message
-            print(exit_.code, file=sys.stderr)
-            sys.exit(2)
-        raise
-
-
 if __name__ == '__main__':
-    run(main)
+    cli.run(main)

@@ -96,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    train.run(main)
+    cli.run(main)

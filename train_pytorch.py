@@ -416,11 +416,4 @@ def main():
 
 
 if __name__ == '__main__':
-    try:
-        cli.run(main)
-    except SystemExit as exit_:
-        # cli.run reports a UserError with exit code 1; the scripts promise 2. Remove once cli.run exits with 2.
-        if isinstance(exit_.code, str):
-            print(exit_.code, file=sys.stderr)
-            sys.exit(2)
-        raise
+    cli.run(main)
