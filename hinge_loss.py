@@ -57,11 +57,12 @@ def multiclass_hinge_loss(logits: torch.Tensor, target: torch.Tensor, delta=1., 
 def _comparison_table(results):
     """Markdown table of {run name: train_cifar results}: accuracies, epochs to best, speed, per-class recall."""
     class_names = list(next(iter(results.values()))['test']['recall'])
-    header = ['run', 'valid acc', 'test acc', 'epochs to best', 's/epoch'] + [f'recall {name}' for name in class_names]
+    header = ['run', 'lr', 'valid acc', 'test acc', 'epochs to best', 's/epoch'] + [f'recall {n}' for n in class_names]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for name, r in results.items():
-        cells = [name, f"{r['valid']['accuracy']:.2%}", f"{r['test']['accuracy']:.2%}", str(r['best_epoch']),
-                 f"{r['seconds_per_epoch']:.1f}"] + [f"{r['test']['recall'][c]:.1%}" for c in class_names]
+        cells = [name, f"{r['config']['lr']:g}", f"{r['valid']['accuracy']:.2%}", f"{r['test']['accuracy']:.2%}",
+                 str(r['best_epoch']), f"{r['seconds_per_epoch']:.1f}"]
+        cells += [f"{r['test']['recall'][c]:.1%}" for c in class_names]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -83,14 +84,14 @@ def main():
     if not args.compare:
         return
     table = _comparison_table(results)
-    note = (f"CIFAR-10{'' if dataset['originals'] else ' (JPEG stand-in: the files are not the published originals)'}; "
-            f"accuracies of the best-validation epoch's model; s/epoch is the training pass alone.")
+    note = (f"{dataset['name']}; accuracies and test recalls of each run's best-validation model; "
+            f"s/epoch is the training pass alone.")
     print(f"\n{table}\n\n{note}")
     with open(os.path.join(run_dir, 'compare.md'), 'w') as f:
         f.write(f"# Hinge loss (delta {args.delta}) vs cross-entropy\n\n{table}\n\n{note}\n")
     cli.write_json(os.path.join(run_dir, 'compare.json'), {
-        'note': note, 'config': {k: v for k, v in vars(args).items()},
-        'runs': {name: {key: r[key] for key in ('loss', 'best_epoch', 'valid', 'test', 'seconds_per_epoch',
+        'note': note, 'config': vars(args),
+        'runs': {name: {key: r[key] for key in ('loss', 'config', 'best_epoch', 'valid', 'test', 'seconds_per_epoch',
                                                 'images_per_second', 'history')} for name, r in results.items()}})
     plots.plot_run_comparison(os.path.join(run_dir, 'compare.png'), {name: r['history'] for name, r in results.items()},
                               {name: train_cifar.LOSS_TITLES[loss] for name, loss in runs.items()},

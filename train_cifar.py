@@ -117,9 +117,12 @@ def load_data(args, device):
     if args.limit:
         dataset['train_x'], dataset['train_y'] = dataset['train_x'][:args.limit], dataset['train_y'][:args.limit]
     dataset.update({key: prepared[key] for key in ('mean', 'std', 'class_names', 'originals')})
-    print(f"CIFAR-10 from {os.path.join(args.data_dir, data.CIFAR_FOLDER)}"
-          f"{'' if prepared['originals'] else ' (not the published files, e.g. the JPEG stand-in: accepted by structure)'}: "
-          f"{len(dataset['train_x'])} train, {len(dataset['valid_x'])} validation, {len(dataset['test_x'])} test images")
+    # every number measured on the stand-in must say so
+    dataset['name'] = 'CIFAR-10' if prepared['originals'] else 'CIFAR-10 (JPEG stand-in)'
+    print(f"{os.path.join(args.data_dir, data.CIFAR_FOLDER)}: "
+          f"{'' if prepared['originals'] else 'not the published files (MD5s differ), accepted by their structure; '}"
+          f"{len(dataset['train_x'])} training, {len(dataset['valid_x'])} validation, "
+          f"{len(dataset['test_x'])} test images")
     return dataset
 
 
@@ -136,8 +139,8 @@ def summary(scores, class_names):
     """evaluate()'s dict -> JSON-friendly, per-class scores keyed by class name."""
     return {'loss': scores['loss'], 'accuracy': scores['accuracy'],
             'macro_precision': scores['macro_precision'], 'macro_recall': scores['macro_recall'],
-            'precision': dict(zip(class_names, scores['precision'])), 'recall': dict(zip(class_names, scores['recall'])),
-            'confusion': scores['confusion']}
+            'precision': dict(zip(class_names, scores['precision'])),
+            'recall': dict(zip(class_names, scores['recall'])), 'confusion': scores['confusion']}
 
 
 def save_misclassified(path, logits, dataset, loss_fn, loss, count=20):
@@ -175,8 +178,9 @@ def train(args, dataset, run_dir, loss, device):
     history = {key: [] for key in ('train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'lr', 'valid_macro_precision',
                                    'valid_macro_recall', 'train_seconds', 'epoch_seconds')}
     results = {'script': 'train_cifar.py', 'config': vars(args) | {'lr': lr}, 'loss': loss, 'device': str(device),
-               'data': {'originals': dataset['originals'], 'num_train': len(train_x), 'num_valid': len(dataset['valid_x']),
-                        'num_test': len(dataset['test_x']), 'mean': dataset['mean'], 'std': dataset['std']},
+               'data': {'name': dataset['name'], 'originals': dataset['originals'], 'num_train': len(train_x),
+                        'num_valid': len(dataset['valid_x']), 'num_test': len(dataset['test_x']),
+                        'mean': dataset['mean'], 'std': dataset['std']},
                'history': history, 'best_epoch': None}
     best_acc, checkpoint = -1.0, os.path.join(run_dir, 'best_model.pt')
     for epoch in range(1, args.epochs + 1):
@@ -206,30 +210,35 @@ def train(args, dataset, run_dir, loss, device):
         history['valid_macro_recall'].append(valid_scores['macro_recall'])
         if valid_scores['accuracy'] > best_acc:
             best_acc, best_valid_scores, results['best_epoch'] = valid_scores['accuracy'], valid_scores, epoch
-            torch.save(model.state_dict(), checkpoint)
-        plots.save_filter_grid(os.path.join(run_dir, f'conv1_epoch_{epoch:02d}.png'), model.conv1.weight.detach().cpu().numpy())
+            torch.save({name: value.cpu() for name, value in model.state_dict().items()}, checkpoint)  # loads anywhere
+        plots.save_filter_grid(os.path.join(run_dir, f'conv1_epoch_{epoch:02d}.png'),
+                               model.conv1.weight.detach().cpu().numpy())
         plots.plot_progress_2x2(os.path.join(run_dir, 'training_progress.png'), history, LOSS_TITLES[loss],
-                                title=f"CIFAR-10, {LOSS_TITLES[loss].lower()}")
+                                title=f"{dataset['name']}, {LOSS_TITLES[loss].lower()}")
         history['train_seconds'].append(train_seconds)
         history['epoch_seconds'].append(time.perf_counter() - start)
-        print(f"{loss} epoch {epoch}/{args.epochs}: train loss {train_scores['loss']:.4f} acc {train_scores['accuracy']:.2%} | "
-              f"valid loss {valid_scores['loss']:.4f} acc {valid_scores['accuracy']:.2%} | lr {history['lr'][-1]:.4g} | "
-              f"{len(train_x) / train_seconds:.0f} img/s")
+        print(f"{loss} epoch {epoch}/{args.epochs}: "
+              f"train loss {train_scores['loss']:.4f} acc {train_scores['accuracy']:.2%} | "
+              f"valid loss {valid_scores['loss']:.4f} acc {valid_scores['accuracy']:.2%} | "
+              f"lr {history['lr'][-1]:.4g} | {len(train_x) / train_seconds:.0f} img/s")
         cli.write_json(os.path.join(run_dir, 'results.json'), results)  # a stopped run keeps its curves
 
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     test_logits = metrics.predict_logits(model, dataset['test_x'])
     test_scores = metrics.scores_from_logits(test_logits, dataset['test_y'], loss_fn)
-    metrics.print_scores(test_scores, class_names, title=f"test ({loss}, best-validation model of epoch {results['best_epoch']}): ")
+    metrics.print_scores(test_scores, class_names,
+                         title=f"{dataset['name']} test, {loss}, model of epoch {results['best_epoch']}: ")
     plots.save_confusion_matrix(os.path.join(run_dir, 'confusion_matrix.png'), test_scores['confusion'], class_names,
-                                title=f"CIFAR-10 test, {LOSS_TITLES[loss].lower()}: accuracy {test_scores['accuracy']:.2%}")
+                                title=f"{dataset['name']} test, {LOSS_TITLES[loss].lower()}: "
+                                      f"accuracy {test_scores['accuracy']:.2%}")
     save_misclassified(os.path.join(run_dir, 'misclassified.png'), test_logits, dataset, loss_fn, loss)
     results.update(valid=summary(best_valid_scores, class_names), test=summary(test_scores, class_names),
                    seconds_per_epoch=float(np.mean(history['train_seconds'])),
                    images_per_second=len(train_x) * args.epochs / sum(history['train_seconds']))
     cli.write_json(os.path.join(run_dir, 'results.json'), results)
-    print(f"best validation accuracy {best_acc:.2%} (epoch {results['best_epoch']}), "
-          f"test accuracy {test_scores['accuracy']:.2%}, {results['images_per_second']:.0f} img/s; wrote {run_dir}")
+    print(f"{dataset['name']}, {loss}: best validation accuracy {best_acc:.2%} (epoch {results['best_epoch']}), "
+          f"test accuracy {test_scores['accuracy']:.2%}; training {results['seconds_per_epoch']:.1f} s/epoch, "
+          f"{results['images_per_second']:.0f} img/s; wrote {run_dir}")
     return results
 
 
