@@ -3,7 +3,10 @@
 A step is forward + loss + backward + SGD update on one batch of random images
 (speed does not depend on the pixel values). The three contenders run in one
 process, interleaved round by round, so a neighbour that loads the machine
-slows all of them alike; the medians and ratios are what to compare.
+slows all of them alike; the medians and ratios are what to compare. --threads
+sets OpenBLAS's and PyTorch's threads; the Cython kernels always run on one
+(see THREADS in im2col_cython.pyx). A load average above the number of cores
+means other programs compete for the CPU, and multi-threaded timings suffer most.
 
     python bench_layers.py                 # 30 rounds, all cores
     python bench_layers.py --threads 1     # one core for OpenBLAS and for PyTorch
@@ -95,7 +98,7 @@ def main():
             times[name].append(time.perf_counter() - start)
 
     print(f"lab MNIST net, batch {args.batch_size}, {args.threads} thread(s), {args.steps} steps each "
-          f"(forward + backward + SGD), CPU: {os.cpu_count()} cores")
+          f"(forward + backward + SGD), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     print(f"{'':15s} {'median ms/step':>15s} {'min ms/step':>12s} {'img/s':>8s}")
     for name, seconds in times.items():
         median = np.median(seconds)

@@ -2,6 +2,10 @@
 
 float64 must agree to 1e-10 relative; float32 to float32 round-off, and stay float32.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,8 @@ import torch.nn.functional as F
 
 import layers
 import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_close(actual, expected, rtol=1e-10):
@@ -347,3 +353,12 @@ def test_lab_net_float32_stays_float32_and_matches_torch():
         assert grad_weights.dtype == grad_bias.dtype == np.float32, name
         assert_close(grad_weights, modules[name].weight.grad.reshape(weights.shape), rtol=1e-5)
         assert_close(grad_bias, modules[name].bias.grad, rtol=1e-5)
+
+
+def test_bench_layers_runs():
+    """bench_layers.py prints figures (never asserted here: timings depend on the machine)."""
+    result = subprocess.run([sys.executable, 'bench_layers.py', '--steps', '1', '--warmup', '1', '--threads', '1',
+                             '--batch-size', '4'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ('numpy float32', 'numpy float64', 'torch float32', 'numpy float32 / torch float32'):
+        assert name in result.stdout
