@@ -144,19 +144,25 @@ def summary(scores, class_names):
             'recall': dict(zip(class_names, scores['recall'])), 'confusion': scores['confusion']}
 
 
+def worst_mistakes(logits, y, loss_fn, count):
+    """Indices of the (at most) `count` misclassified examples with the highest loss, highest first."""
+    losses = loss_fn(logits, y, reduction='none')
+    wrong = torch.nonzero(logits.argmax(dim=1) != y).flatten()
+    return wrong[losses[wrong].argsort(descending=True)[:count]]
+
+
 def save_misclassified(path, logits, dataset, loss_fn, loss, count=20):
     """The `count` misclassified test images with the highest loss, each titled with its true class and
     the model's three top classes with their softmax probabilities; logits (N, C) of the test images."""
     y = dataset['test_y'].cpu()
-    losses = loss_fn(logits, y, reduction='none')
-    wrong = torch.nonzero(logits.argmax(dim=1) != y).flatten()
-    worst = wrong[losses[wrong].argsort(descending=True)[:count]]
+    worst = worst_mistakes(logits, y, loss_fn, count)
     top_p, top_class = F.softmax(logits[worst], dim=1).topk(3, dim=1)
     names = dataset['class_names']
     titles = [f"true: {names[y[i]]}\n" + '\n'.join(f"{names[c]} {p:.2f}" for p, c in zip(ps.tolist(), cs.tolist()))
               for i, ps, cs in zip(worst.tolist(), top_p, top_class)]
     images = data.denormalise(dataset['test_x'][worst].cpu().numpy(), dataset['mean'], dataset['std'])
-    title = f"{len(worst)} misclassified test images with the highest {LOSS_TITLES[loss].lower()}; top-3 classes"
+    title = (f"{dataset['name']}: the {len(worst)} misclassified test images with the highest "
+             f"{LOSS_TITLES[loss].lower()}; true class and top-3 predictions")
     if loss == 'hinge':
         title += "\n(softmax of the hinge model's scores, for display only: they are not probabilities)"
     plots.save_image_grid(path, images, titles, title=title)

@@ -12,7 +12,8 @@ import torch
 import data
 import metrics
 from conftest import ROOT
-from train_cifar import ConvNet, batch_loader, make_parser
+from hinge_loss import multiclass_hinge_loss
+from train_cifar import ConvNet, batch_loader, make_parser, worst_mistakes
 
 SCRIPT = os.path.join(ROOT, 'train_cifar.py')
 
@@ -37,6 +38,18 @@ def test_batch_loader_yields_every_image_once_per_epoch_in_seeded_order():
     assert all(torch.equal(bx[:, 0].long(), by) for bx, by in batches)  # images and labels stay paired
     again = torch.cat([by for _, by in batch_loader(x, y, 50, torch.Generator().manual_seed(1))])
     assert torch.equal(seen, again)
+
+
+@pytest.mark.parametrize('loss_fn', [torch.nn.functional.cross_entropy, multiclass_hinge_loss])
+def test_worst_mistakes_are_the_misclassified_with_the_highest_loss(loss_fn):
+    logits = torch.tensor([[5.0, 0, 0],   # right
+                           [0, 1.0, 0],   # wrong, mildly
+                           [0, 0, 9.0],   # wrong, badly
+                           [0, 3.0, 0],   # right
+                           [4.0, 0, 0]])  # wrong, in between
+    y = torch.tensor([0, 0, 1, 1, 2])
+    assert worst_mistakes(logits, y, loss_fn, 20).tolist() == [2, 4, 1]
+    assert worst_mistakes(logits, y, loss_fn, 2).tolist() == [2, 4]
 
 
 def test_quick_run_writes_every_file(synthetic_cifar, tmp_path):
