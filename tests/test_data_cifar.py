@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import data
-from conftest import make_synthetic_cifar, write_cifar_batch
+from conftest import make_synthetic_cifar
 
 
 def _batch_path(root, name='data_batch_3'):
