@@ -5,6 +5,10 @@ CIFAR-10  <data_dir>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.met
 
 Missing files are downloaded when a network exists; otherwise a DataError says
 which files to put where. Every malformed file gives a DataError naming it.
+CIFAR-10's pickles are read by a restricted unpickler that builds nothing but numeric arrays,
+lists, dicts, strings and ints. Files are accepted by their structure (shapes, dtype, label
+range and counts), so a re-encoded copy such as the JPEG stand-in loads too; load_cifar10
+reports whether they are the published files (their MD5s).
 """
 import codecs
 import gzip
