@@ -11,16 +11,24 @@ means other programs compete for the CPU, and multi-threaded timings suffer most
     python bench_layers.py                 # 30 rounds, all cores
     python bench_layers.py --threads 1     # one core for OpenBLAS and for PyTorch
 """
-import ctypes
-import glob
 import os
-import time
 
-import numpy as np
-import torch
+# OpenBLAS's idle worker threads busy-wait 2**28 cycles (~0.1 s) after each BLAS call before they
+# sleep. A training step calls BLAS every millisecond, so they never sleep and hold a core that
+# the other contender (and the Cython kernels) then lack: PyTorch's step took ~30x longer next to
+# them on a loaded 2-core machine. 2**4 cycles lets them sleep at once. OpenBLAS reads this when
+# NumPy loads it, so it is set before the import; an explicit setting in the environment wins.
+os.environ.setdefault('OPENBLAS_THREAD_TIMEOUT', '4')
 
-import cli
-import nn
+import ctypes  # noqa: E402
+import glob  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import cli  # noqa: E402
+import nn  # noqa: E402
 
 
 def parse_args():

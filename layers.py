@@ -99,11 +99,11 @@ class Convolution(Layer):
         self.weights = np.asarray(weights_initializer_fn([num_filters, fan_in], fan_in), dtype=self.dtype)
         self.bias = np.asarray(bias_initializer_fn([num_filters]), dtype=self.dtype)
 
-    # The batch goes through a few images at a time: their im2col columns (~1 MB) are still in
+    # The batch goes through a few images at a time: their im2col columns (a few MB) are still in
     # the CPU cache when the GEMM reads them, whereas all 50 images' columns of the lab net's conv2
-    # (16 MB in float32) go out to RAM and back. A training step gets ~10% faster (one thread).
+    # (16 MB in float32) go out to RAM and back. A training step gets ~5-10% faster (bench_layers.py).
     # chunk_bytes = float('inf') gives the textbook version: one im2col, one GEMM; tests check both.
-    chunk_bytes = 1 << 20
+    chunk_bytes = 4 << 20
 
     def _chunks(self, N):
         """Slices of the batch, each with about chunk_bytes of im2col columns."""
