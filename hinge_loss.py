@@ -106,5 +106,4 @@ def main():
 
 
 if __name__ == '__main__':
-    import train_cifar
-    train_cifar.run(main)  # cli.run with exit status 2 on a UserError
+    cli.run(main)

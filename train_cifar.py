@@ -27,7 +27,6 @@ Writes into <save-dir>/<run-name>/:
 import argparse
 import functools
 import os
-import sys
 import time
 
 import numpy as np
@@ -264,17 +263,5 @@ def main():
     train(args, load_data(args, device), run_dir, args.loss, device)
 
 
-def run(main):
-    """cli.run, except that a UserError exits with status 2 as promised: cli.run's sys.exit(message)
-    exits with 1. Drop this for cli.run once cli.run exits with 2."""
-    try:
-        cli.run(main)
-    except SystemExit as exit_:
-        if isinstance(exit_.code, str):
-            print(exit_.code, file=sys.stderr)
-            sys.exit(2)
-        raise
-
-
 if __name__ == '__main__':
-    run(main)
+    cli.run(main)
