@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Fast im2col / col2im for the Convolution layer (float32 and float64).
+"""Fast im2col / col2im for the Convolution layer and max pooling for MaxPooling (float32 and float64).
 
 Column layout (shared with the NumPy reference in im2col.py):
 
@@ -17,8 +17,12 @@ THREADS: every kernel takes num_threads, default 1. The GEMMs around these
 kernels run on OpenBLAS's own thread pool, and OpenMP's worker threads keep
 spinning for a while after each parallel loop: with both pools on a 2-core
 laptop they steal each other's cores and a training step of the lab net took
-~10x longer (measured with bench_layers.py). Copying memory is cheap next to the
-GEMMs, so the cores go to OpenBLAS. num_threads=0 means "as OpenMP chooses".
+~10x longer (measured on a loaded 2-core machine). Two threads here did not help
+even with OpenBLAS's workers told to sleep at once, so the cores go to OpenBLAS.
+num_threads=0 means "as OpenMP chooses".
+
+The max-pooling kernels keep, per window, the index y * W + x of its maximum
+within the (H, W) plane; backward adds each window's gradient there.
 """
 import numpy as np
 
