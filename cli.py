@@ -1,9 +1,12 @@
-"""Command-line plumbing shared by every script: arguments, one-line errors, seeds, run folders, JSON."""
+"""Command-line plumbing shared by every script: arguments, one-line errors, seeds, run folders, JSON,
+atomic writes, and stopping (Ctrl-C, SIGTERM) with a hint on how to resume."""
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import random
+import signal
 import sys
 
 import numpy as np
@@ -58,6 +61,84 @@ def add_common_args(parser, seed=42):
     parser.add_argument('--run-name', default=None, help='name of this run\'s folder (default: <script>-<date>-<time>)')
     parser.add_argument('--overwrite', action='store_true', help='reuse an existing run folder of the same name')
     parser.add_argument('--seed', type=int, default=seed, help=f'random seed (default: {seed})')
+    parser.add_argument('--resume', metavar='RUN_DIR', default=None,
+                        help='continue a stopped run from its last checkpoint, with the flags it was started with '
+                             '(saved in RUN_DIR/config.json)')
+
+
+CONFIG = 'config.json'  # in every run folder: the script and its command line, what --resume reads
+
+
+def parse_args(parser, script, argv=None):
+    """parser.parse_args(argv); with --resume RUN_DIR, the flags that run was started with instead.
+
+    Flags given next to --resume must agree with the saved ones (--data-dir may differ: data can move).
+    Also refuses, before any work, a --run-name whose folder exists (without --overwrite).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.resume is None:
+        if args.run_name is not None and os.path.exists(os.path.join(args.save_dir, args.run_name)) \
+                and not args.overwrite:
+            raise UserError(f"run folder {os.path.join(args.save_dir, args.run_name)} exists; pick another "
+                            f"--run-name, pass --overwrite, or continue it with --resume")
+        return args
+    run_dir = args.resume
+    config_path = os.path.join(run_dir, CONFIG)
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--resume {run_dir}: no such run folder")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--resume {run_dir}: no {CONFIG} in it, so it is not a run folder of these scripts")
+    except (OSError, ValueError) as error:
+        raise UserError(f"--resume {run_dir}: cannot read {config_path} ({error})")
+    if not (isinstance(config, dict) and isinstance(config.get('argv'), list)
+            and all(isinstance(arg, str) for arg in config['argv'])):
+        raise UserError(f"--resume {run_dir}: {config_path} has no command line ('argv')")
+    if config.get('script') != f'{script}.py':
+        raise UserError(f"--resume {run_dir}: that is a run of {config.get('script')}, not of {script}.py")
+    saved = parser.parse_args(config['argv'])
+    given = _explicit_flags(parser, argv)
+    for dest, value in given.items():
+        if dest not in ('resume', 'data_dir') and value != getattr(saved, dest):
+            flag = next(action.option_strings[0] for action in parser._actions if action.dest == dest)
+            raise UserError(f"--resume {run_dir}: {flag} {_show(value)} differs from the run's "
+                            f"{_show(getattr(saved, dest))} (in {config_path}); leave {flag} out to resume, "
+                            f"or start a new run")
+    saved.resume = run_dir
+    saved.data_dir = given.get('data_dir', saved.data_dir)
+    return saved
+
+
+def _explicit_flags(parser, argv):
+    """{dest: value} of the flags argv gives, leaving out the defaults."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in defaults:
+            action.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+
+
+def _show(value):
+    if isinstance(value, dict):  # an lr policy
+        return ','.join(f'{key}:{item:g}' for key, item in value.items())
+    return 'on' if value is True else 'off' if value is False else str(value)
+
+
+def open_run_dir(args, script, argv=None):
+    """The run's folder: --resume's, or a new one (make_run_dir) with config.json, from which --resume restarts."""
+    if args.resume is not None:
+        return args.resume
+    run_dir = make_run_dir(args.save_dir, args.run_name, script, args.overwrite)
+    write_json(os.path.join(run_dir, CONFIG), {'script': f'{script}.py',
+                                               'argv': sys.argv[1:] if argv is None else list(argv),
+                                               'args': vars(args)})
+    return run_dir
 
 
 def make_run_dir(save_dir, run_name, script, overwrite=False):
@@ -78,13 +159,31 @@ def seed_everything(seed):
         sys.modules['torch'].manual_seed(seed)
 
 
+def atomic_write(path, write, mode='wb'):
+    """Calls write(file) on `path`.tmp, flushes it to the disk and renames it to `path`: a crash, a kill
+    or a full disk leaves the old file or the new one under that name, never half of one."""
+    tmp_path = path + '.tmp'
+    try:
+        with open(tmp_path, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        raise
+    if os.name == 'posix':  # the rename itself reaches the disk with the folder's entry
+        folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 def write_json(path, obj):
     """Writes JSON atomically: a reader never sees half a file."""
-    tmp_path = path + '.tmp'
-    with open(tmp_path, 'w') as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write('\n')
-    os.replace(tmp_path, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_json_default) + '\n'), mode='w')
 
 
 def _json_default(obj):
@@ -95,16 +194,49 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a shutdown, `kill`), raised like Ctrl-C's KeyboardInterrupt so that both stop a run alike."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C or SIGTERM; the message says how to resume it."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def resume_hint(script, run_dir):
+    """Turns Ctrl-C / SIGTERM inside the block into Interrupted, saying how to resume the run in run_dir."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; every finished epoch is saved in {run_dir}; "
+                          f"continue with: python {script}.py --resume {run_dir}", signum) from None
+
+
 def run(main):
-    """Calls main(); a UserError (or ValueError from bad data) becomes one line on stderr and exit code 2."""
+    """Calls main(); a UserError becomes one line on stderr and exit code 2; Ctrl-C and SIGTERM one line
+    (with resume_hint, how to resume) and exit code 128 + the signal's number."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the shell started us ignoring it
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except Interrupted as interrupt:
+        print(f"interrupted: {interrupt}", file=sys.stderr)
+        sys.exit(128 + interrupt.signum)
+    except KeyboardInterrupt as interrupt:  # before the run folder exists: nothing to resume
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT))
 
 
 # ----------------------------------------------------------------------------- MNIST training flags (tasks 1-3)
@@ -145,6 +277,8 @@ def add_mnist_training_args(parser, dtype='float32', weight_decay=None):
                         help='train on the first N training images only (quick runs)')
     parser.add_argument('--no-shuffle', action='store_true',
                         help='fixed data order: the same batches in every epoch and in every framework')
+    parser.add_argument('--valid-size', type=positive_int, default=5000,
+                        help='the last N training images are held out for validation (default: 5000)')
     if weight_decay is not None:
         parser.add_argument('--weight-decay', type=non_negative_float, default=weight_decay,
                             help=f'L2 lambda on the conv1, conv2 and fc3 weights (default: {weight_decay})')

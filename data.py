@@ -8,7 +8,8 @@ which files to put where. Every malformed file gives a DataError naming it.
 CIFAR-10's pickles are read by a restricted unpickler that builds nothing but numeric arrays,
 lists, dicts, strings and ints. Files are accepted by their structure (shapes, dtype, label
 range and counts), so a re-encoded copy such as the JPEG stand-in loads too; load_cifar10
-reports whether they are the published files (their MD5s).
+reports whether they are the published files (their MD5s), and load_mnist prints a one-line note
+when its .gz files are not.
 """
 import codecs
 import gzip
@@ -37,6 +38,13 @@ MNIST_FILES = {
     'test_labels': 't10k-labels-idx1-ubyte',
 }
 IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}  # unsigned bytes, with 1 or 3 dimensions
+# The published .gz files' MD5s, as torchvision checks them (uncompressed copies have none to compare with).
+MNIST_MD5 = {
+    'train-images-idx3-ubyte.gz': 'f68b3c2dcbeaaa9fbdd348bbdeb94873',
+    'train-labels-idx1-ubyte.gz': 'd53e105ee54ea40749a09fcbcd1e9432',
+    't10k-images-idx3-ubyte.gz': '9fb629c4189551a2d022fa330f9573f3',
+    't10k-labels-idx1-ubyte.gz': 'ec29112dd5afa0611ce80d1b7f02629c',
+}
 MNIST_TRAIN_SIZE, MNIST_VALID_SIZE = 55000, 5000
 
 
@@ -84,7 +92,9 @@ def _download_mnist(data_dir):
 
 
 def load_mnist(data_dir, download=True):
-    """Raw MNIST -> dict of uint8 images (N, 28, 28) and uint8 labels (N,) for 'train' and 'test'."""
+    """Raw MNIST -> dict of uint8 images (N, 28, 28) and uint8 labels (N,) for 'train' and 'test', and
+    'originals': True when every file is a published .gz (its MD5). Other files are accepted by their
+    structure, with a one-line note on stdout."""
     raw_dir = os.path.join(data_dir, 'MNIST', 'raw')
     paths = {key: _mnist_path(raw_dir, name) for key, name in MNIST_FILES.items()}
     if None in paths.values():
@@ -103,6 +113,12 @@ def load_mnist(data_dir, download=True):
         if labels.size and labels.max() > 9:
             raise DataError(f"{paths[f'{split}_labels']}: label {labels.max()} is not a digit")
         out[f'{split}_x'], out[f'{split}_y'] = images, labels
+    others = [os.path.basename(path) for path in paths.values()
+              if MNIST_MD5.get(os.path.basename(path)) != _md5(path)]
+    out['originals'] = not others
+    if others:
+        which = 'the MNIST files' if len(others) == len(paths) else ', '.join(others)
+        print(f"note: {which} in {raw_dir} are not the published originals (MD5); accepted by their structure")
     return out
 
 
@@ -110,7 +126,7 @@ def prepare_mnist(data_dir, dtype=np.float32, valid_size=MNIST_VALID_SIZE, downl
     """The lab's MNIST: the last `valid_size` training images for validation, the rest for training.
 
     Images (N, 1, 28, 28) in `dtype`, scaled to [0, 1] minus the mean of the training part;
-    labels int64 (N,). Also returns 'mean', the subtracted value.
+    labels int64 (N,). Also returns 'mean', the subtracted value, and 'originals' (load_mnist).
     """
     raw = load_mnist(data_dir, download)
     train_x = raw['train_x'][:, None].astype(dtype) / dtype(255)
@@ -123,7 +139,7 @@ def prepare_mnist(data_dir, dtype=np.float32, valid_size=MNIST_VALID_SIZE, downl
         'train_x': train_x[:num_train] - dtype(mean), 'train_y': raw['train_y'][:num_train].astype(np.int64),
         'valid_x': train_x[num_train:] - dtype(mean), 'valid_y': raw['train_y'][num_train:].astype(np.int64),
         'test_x': test_x - dtype(mean), 'test_y': raw['test_y'].astype(np.int64),
-        'mean': float(mean),
+        'mean': float(mean), 'originals': raw['originals'],
     }
 
 

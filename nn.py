@@ -3,12 +3,14 @@
 A net is a plain list of layers from layers.py, input to logits; a loss is a
 SoftmaxCrossEntropyWithLogits or a RegularizedLoss wrapping one.
 """
+import json
 import os
 import time
 
 import numpy as np
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import layers
 import plots
@@ -70,20 +72,23 @@ def parameters(net):
 
 def save_params(net, path):
     """Writes the net's parameters to an .npz (keys as in parameters()), atomically."""
-    tmp_path = path + '.tmp.npz'
-    np.savez(tmp_path, **parameters(net))
-    os.replace(tmp_path, path)
+    checkpoint.save_npz(path, parameters(net))
 
 
 def load_params(net, path):
     """Copies parameters saved by save_params into the net, in place (regularizers keep their references)."""
     with np.load(path, allow_pickle=False) as saved:
-        for key, param in parameters(net).items():
-            if key not in saved:
-                raise ValueError(f"{path}: missing parameter {key!r}")
-            if saved[key].shape != param.shape:
-                raise ValueError(f"{path}: {key!r} has shape {saved[key].shape}, the net needs {param.shape}")
-            param[...] = saved[key]
+        copy_params(net, saved, path)
+
+
+def copy_params(net, saved, source):
+    """Copies the arrays of `saved` ({'<layer>.weights': ...}) into the net's parameters, in place."""
+    for key, param in parameters(net).items():
+        if key not in saved:
+            raise ValueError(f"{source}: missing parameter {key!r}")
+        if saved[key].shape != param.shape:
+            raise ValueError(f"{source}: {key!r} has shape {saved[key].shape}, the net needs {param.shape}")
+        param[...] = saved[key]
 
 
 # ----------------------------------------------------------------------------- training and evaluation
@@ -113,7 +118,7 @@ def regularization(loss):
 
 
 def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuffle=True, seed=0, draw_every=100,
-          title=None):
+          title=None, resume=False):
     """The training loop of train.py and train_l2reg.py: SGD on data['train_x'], data['train_y'].
 
     data: dict with train_x, train_y, valid_x, valid_y (as data.prepare_mnist returns).
@@ -126,6 +131,11 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
     `draw_every` steps and after every epoch) and, at the end, training_plot.png.
     A NaN or infinite loss raises Diverged before the update it would cause; weights.npz then holds the
     weights of the last finished epoch (init_weights.npz, if none finished).
+
+    Before the first epoch and after every epoch it also writes checkpoint.npz (see checkpoint.py): the
+    weights, the epoch and step, the shuffling RNG's state and `results`. With resume=True and a
+    checkpoint.npz in run_dir it goes on from there instead (replacing the net's weights and what
+    `results` holds), so an interrupted epoch is redone with the same batches, bit for bit.
     """
     train_x, train_y = data['train_x'], data['train_y']
     steps_per_epoch = len(train_x) // batch_size
@@ -134,19 +144,37 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
     conv1 = next(layer for layer in net if isinstance(layer, layers.Convolution))
     data_loss = getattr(loss, 'data_loss', loss)
     rng = np.random.default_rng(seed)
-    save_params(net, os.path.join(run_dir, 'init_weights.npz'))
-    last_good = 'init_weights.npz'
-    step = 0
+    checkpoint_path = os.path.join(run_dir, checkpoint.NPZ)
+
+    def save_checkpoint(epoch):
+        checkpoint.save_npz(checkpoint_path, {**parameters(net), 'epoch': epoch, 'step': step,
+                                              'rng': checkpoint.pcg64_state(rng),
+                                              'results': checkpoint.results_text(results)})
+
     # NumPy's overflow warnings on the way to a NaN say less than the checks below.
     with np.errstate(over='ignore', invalid='ignore'):
-        draw_conv_filters(0, 0, conv1, run_dir)
-        for epoch in range(1, epochs + 1):
+        if resume and os.path.exists(checkpoint_path):
+            saved = checkpoint.load_npz(checkpoint_path)
+            copy_params(net, saved, checkpoint_path)
+            checkpoint.set_pcg64_state(rng, saved['rng'])
+            results.clear()
+            results.update(json.loads(str(saved['results'])))
+            done, step = int(saved['epoch']), int(saved['step'])
+            print(f"resuming {run_dir} after epoch {done} of {epochs}")
+        else:
+            done, step = 0, 0
+            save_params(net, os.path.join(run_dir, 'init_weights.npz'))
+            draw_conv_filters(0, 0, conv1, run_dir)
+            save_checkpoint(0)
+        last_good = 'weights.npz' if done else 'init_weights.npz'
+        for epoch in range(done + 1, epochs + 1):
             lr = cli.lr_at(lr_policy, epoch)
             order = rng.permutation(len(train_x)) if shuffle else np.arange(len(train_x))
             start_time = time.perf_counter()
             progress = tqdm(range(steps_per_epoch), desc=f'epoch {epoch}/{epochs} lr {lr:g}', leave=False)
             running_loss = 0.0
             for i in progress:
+                checkpoint.pause_for_tests(epoch, i + 1)
                 batch = order[i * batch_size:(i + 1) * batch_size]
                 x, y = train_x[batch], train_y[batch]
                 logits = forward_pass(net, x)
@@ -182,6 +210,7 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
                   f"valid loss {record['valid_loss']:.4f} acc {valid_acc:.2%}, "
                   f"{seconds:.1f} s ({record['images_per_second']:.0f} img/s)")
             cli.write_json(os.path.join(run_dir, 'results.json'), results)
+            save_checkpoint(epoch)
     history = {key: [record[key] for record in results['epochs']]
                for key in ('train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'lr')}
     plots.plot_training_progress(os.path.join(run_dir, 'training_plot.png'), history, title=title)

@@ -3,9 +3,11 @@
     python train.py                    # the lab's run: 8 epochs of SGD, batch 50, lr 0.1 decaying 10x every 2 epochs
     python train.py --summary-only     # the model questions: shapes, parameters, receptive fields, memory
     python train.py --limit 2000 --epochs 2   # a quick look
+    python train.py --resume runs/train-20261127-101500   # go on after Ctrl-C, a kill or a crash
 
-Writes into <save-dir>/<run-name>/: conv1's filters as PNGs while it learns, training_plot.png,
-init_weights.npz, weights.npz and results.json.
+Writes into <save-dir>/<run-name>/: config.json (the command line, for --resume), conv1's filters as PNGs
+while it learns, training_plot.png, init_weights.npz, weights.npz, results.json and checkpoint.npz
+(after every epoch: what --resume continues from).
 """
 import argparse
 import math
@@ -13,6 +15,7 @@ import os
 
 import numpy as np
 
+import checkpoint
 import cli
 import data
 import nn
@@ -34,7 +37,10 @@ def make_parser(description=__doc__, weight_decay=None):
 
 def check_args(args):
     """What argparse cannot check alone, before any work."""
-    num_train = min(args.limit or data.MNIST_TRAIN_SIZE, data.MNIST_TRAIN_SIZE)
+    num_train = data.MNIST_TRAIN_SIZE + data.MNIST_VALID_SIZE - args.valid_size  # of the published files
+    if num_train <= 0:
+        raise cli.UserError(f"--valid-size {args.valid_size} leaves no MNIST training images")
+    num_train = min(args.limit or num_train, num_train)
     if args.batch_size > num_train:
         raise cli.UserError(f"--batch-size {args.batch_size} is larger than the {num_train} training images"
                             + (" left by --limit" if args.limit else ""))
@@ -49,30 +55,38 @@ def print_summary(args):
 
 def load_data(args):
     """The lab's MNIST split in args.dtype, the training part cut to --limit images."""
-    mnist = data.prepare_mnist(args.data_dir, np.dtype(args.dtype).type)
+    mnist = data.prepare_mnist(args.data_dir, np.dtype(args.dtype).type, valid_size=args.valid_size)
     mnist['train_x'], mnist['train_y'] = mnist['train_x'][:args.limit], mnist['train_y'][:args.limit]
     return mnist
 
 
-def train_model(args, mnist, run_dir, weight_decay=None):
+def train_model(args, mnist, run_dir, weight_decay=None, resume=False):
     """Builds the lab's net from args.seed (L2-regularised if weight_decay is not None), trains it with
-    nn.train and tests it; writes everything into run_dir and returns (results, net)."""
+    nn.train and tests it; writes everything into run_dir and returns (results, net).
+    With resume=True, a run that finished in run_dir is read back, an unfinished one continued."""
     cli.seed_everything(args.seed)
     net, loss = nn.lab_mnist_net(args.batch_size, np.dtype(args.dtype).type)
     if weight_decay is not None:
         loss = nn.l2_regularized(net, loss, weight_decay)
+    finished = resume and checkpoint.finished_results(run_dir, 'test_acc')
+    if finished:
+        nn.load_params(net, os.path.join(run_dir, 'weights.npz'))
+        print(f"{run_dir} finished already: test accuracy {finished['test_acc']:.2%}")
+        return finished, net
 
-    valid_data_loss, valid_acc = nn.evaluate(net, loss, mnist['valid_x'], mnist['valid_y'])
-    results = {'config': vars(args), 'initial_loss': valid_data_loss + nn.regularization(loss), 'epochs': []}
-    print(f"initial validation loss {valid_data_loss:.4f} (accuracy {valid_acc:.1%}), ln(10) = {math.log(10):.4f}"
-          + (f", plus {nn.regularization(loss):.4f} regularisation" if weight_decay else "") + ":\n"
-          "  small random weights give small, nearly equal logits, so the softmax is about uniform (1/10 per class)"
-          " and the cross-entropy is -ln(1/10) = ln(10)")
+    results = {}
+    if not (resume and os.path.exists(os.path.join(run_dir, checkpoint.NPZ))):
+        valid_data_loss, valid_acc = nn.evaluate(net, loss, mnist['valid_x'], mnist['valid_y'])
+        results = {'config': vars(args), 'initial_loss': valid_data_loss + nn.regularization(loss), 'epochs': []}
+        print(f"initial validation loss {valid_data_loss:.4f} (accuracy {valid_acc:.1%}), ln(10) = {math.log(10):.4f}"
+              + (f", plus {nn.regularization(loss):.4f} regularisation" if weight_decay else "") + ":\n"
+              "  small random weights give small, nearly equal logits, so the softmax is about uniform "
+              "(1/10 per class) and the cross-entropy is -ln(1/10) = ln(10)")
 
     title = 'NumPy' + (f', lambda = {weight_decay:g}' if weight_decay is not None else '')
     nn.train(net, loss, mnist, run_dir, results, epochs=args.epochs, batch_size=args.batch_size,
              lr_policy=args.lr_policy, shuffle=not args.no_shuffle, seed=args.seed, draw_every=args.draw_every,
-             title=title)
+             title=title, resume=resume)
 
     test_data_loss, test_acc = nn.evaluate(net, loss, mnist['test_x'], mnist['test_y'])
     epoch_seconds = [record['seconds'] for record in results['epochs']]
@@ -87,15 +101,16 @@ def train_model(args, mnist, run_dir, weight_decay=None):
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
+    args = cli.parse_args(make_parser(), SCRIPT, argv)
     check_args(args)
     if args.summary_only:
         print_summary(args)
         return
     mnist = load_data(args)
-    run_dir = cli.make_run_dir(args.save_dir, args.run_name, SCRIPT, args.overwrite)
+    run_dir = cli.open_run_dir(args, SCRIPT, argv)
     print_summary(args)
-    train_model(args, mnist, run_dir)
+    with cli.resume_hint(SCRIPT, run_dir):
+        train_model(args, mnist, run_dir, resume=args.resume is not None)
 
 
 if __name__ == '__main__':

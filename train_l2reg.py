@@ -3,6 +3,7 @@
     python train_l2reg.py                       # one model, lambda = --weight-decay (1e-3)
     python train_l2reg.py --sweep               # the lab's lambdas 1e-3, 1e-2, 1e-1, one model each
     python train_l2reg.py --sweep 0 1e-2 --limit 2000 --epochs 2   # a quick comparison
+    python train_l2reg.py --resume runs/<run-name>   # go on: finished lambdas are kept, the stopped one continues
 
 The loss is cross-entropy + (lambda / 2) * sum of the squared weights (not biases, not the logits layer).
 A sweep trains every model from the same initial weights (same seed) into <run-dir>/wd_<lambda>/ and
@@ -61,11 +62,12 @@ def write_sweep(run_dir, rows, init_filters, filters):
 def sweep(args, mnist, run_dir, weight_decays):
     """One model per lambda, each from the same initial weights, then write_sweep; returns the table rows."""
     rows, filters = [], []
+    resume = args.resume is not None
     for weight_decay in weight_decays:
-        sub_dir = cli.make_run_dir(run_dir, f'wd_{weight_decay:g}', SCRIPT, args.overwrite)
+        sub_dir = cli.make_run_dir(run_dir, f'wd_{weight_decay:g}', SCRIPT, args.overwrite or resume)
         print(f"--- lambda = {weight_decay:g} -> {sub_dir}")
         run_args = argparse.Namespace(**{**vars(args), 'weight_decay': weight_decay, 'sweep': None})
-        results, net = train.train_model(run_args, mnist, sub_dir, weight_decay)
+        results, net = train.train_model(run_args, mnist, sub_dir, weight_decay, resume)
         last = results['epochs'][-1]
         filters.append(conv1_filters(nn.parameters(net)))
         rows.append({'weight_decay': weight_decay, 'valid_acc': last['valid_acc'], 'test_acc': results['test_acc'],
@@ -78,7 +80,7 @@ def sweep(args, mnist, run_dir, weight_decays):
 
 
 def main(argv=None):
-    args = train.make_parser(__doc__, weight_decay=1e-3).parse_args(argv)
+    args = cli.parse_args(train.make_parser(__doc__, weight_decay=1e-3), SCRIPT, argv)
     train.check_args(args)
     weight_decays = None if args.sweep is None else (args.sweep or cli.LAB_SWEEP)
     if weight_decays is not None and len({f'{wd:g}' for wd in weight_decays}) < len(weight_decays):
@@ -87,12 +89,13 @@ def main(argv=None):
         train.print_summary(args)
         return
     mnist = train.load_data(args)
-    run_dir = cli.make_run_dir(args.save_dir, args.run_name, SCRIPT, args.overwrite)
+    run_dir = cli.open_run_dir(args, SCRIPT, argv)
     train.print_summary(args)
-    if weight_decays is None:
-        train.train_model(args, mnist, run_dir, args.weight_decay)
-    else:
-        sweep(args, mnist, run_dir, weight_decays)
+    with cli.resume_hint(SCRIPT, run_dir):
+        if weight_decays is None:
+            train.train_model(args, mnist, run_dir, args.weight_decay, resume=args.resume is not None)
+        else:
+            sweep(args, mnist, run_dir, weight_decays)
 
 
 if __name__ == '__main__':
