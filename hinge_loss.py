@@ -4,6 +4,8 @@
                                                        # data split, seed, schedule and evaluation)
     python hinge_loss.py --data-dir data --compare     # ... and with cross-entropy, then compare the two:
                                                        # compare.md, compare.json, compare.png
+    python hinge_loss.py --resume runs/<run-name>      # go on after Ctrl-C or a kill: a finished loss is
+                                                       # kept, the stopped one continues from its checkpoint
 
 The training itself is train_cifar.py's (train_cifar.py --loss hinge trains the same model); this file
 defines the loss and the comparison. The hinge model's scores are not probabilities: the figure of
@@ -73,20 +75,22 @@ def _comparison_table(results):
     return '\n'.join(lines)
 
 
-def main():
+def main(argv=None):
     import train_cifar  # not at the top: train_cifar imports this file's loss
 
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train_cifar.add_training_args(parser)
     parser.add_argument('--compare', action='store_true',
                         help='also train with cross-entropy (same data, seed and schedule) and compare the two')
-    args = parser.parse_args()
+    args = cli.parse_args(parser, 'hinge_loss', argv)
     device = train_cifar.pick_device(args.device)
-    run_dir = cli.make_run_dir(args.save_dir, args.run_name, 'hinge_loss', args.overwrite)
     dataset = train_cifar.load_data(args, device)
+    run_dir = cli.open_run_dir(args, 'hinge_loss', argv)
     runs = {'hinge': 'hinge'} | ({'cross-entropy': 'ce'} if args.compare else {})
-    results = {name: train_cifar.train(args, dataset, os.path.join(run_dir, loss), loss, device)
-               for name, loss in runs.items()}
+    with cli.resume_hint('hinge_loss', run_dir):
+        results = {name: train_cifar.train(args, dataset, os.path.join(run_dir, loss), loss, device,
+                                           resume=args.resume is not None)
+                   for name, loss in runs.items()}
     if not args.compare:
         return
     table = _comparison_table(results)

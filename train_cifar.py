@@ -1,6 +1,7 @@
 """Lab 2, task 4: the lab's convolutional model on CIFAR-10, in PyTorch.
 
     python train_cifar.py --data-dir data        # the lab's run: 8 epochs, ~70% validation accuracy
+    python train_cifar.py --resume runs/<run-name>   # go on after Ctrl-C or a kill, from the last epoch
 
 Model (the lab's):  conv(16,5) -> relu -> pool(3,2) -> conv(32,5) -> relu -> pool(3,2)
                     -> fc(256) -> relu -> fc(128) -> relu -> fc(10)
@@ -23,9 +24,13 @@ Writes into <save-dir>/<run-name>/:
     misclassified.png        the 20 misclassified test images with the highest loss, with the top-3 classes
     best_model.pt            state_dict of the best-validation model (torch.load(..., weights_only=True))
     results.json             config, per-epoch metrics, test scores, per-class precision/recall, speed
+    checkpoint.pt            after every epoch: model, optimizer, scheduler, RNG states, results so far
+                             (weights_only=True too); --resume continues from it bit for bit
+    config.json              the command line, which --resume reads
 """
 import argparse
 import functools
+import json
 import os
 import time
 
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import data
 import metrics
@@ -167,9 +173,19 @@ def save_misclassified(path, logits, dataset, loss_fn, loss, count=20):
     plots.save_image_grid(path, images, titles, title=title)
 
 
-def train(args, dataset, run_dir, loss, device):
-    """Trains, evaluates and tests one model with loss 'ce' or 'hinge'; writes run_dir; returns results.json's dict."""
+def train(args, dataset, run_dir, loss, device, resume=False):
+    """Trains, evaluates and tests one model with loss 'ce' or 'hinge'; writes run_dir; returns results.json's dict.
+
+    Writes checkpoint.pt before the first epoch and after every epoch. With resume=True a run that
+    finished in run_dir is read back, and an unfinished one continues from its checkpoint.pt.
+    """
     os.makedirs(run_dir, exist_ok=True)
+    finished = resume and checkpoint.finished_results(run_dir, 'test')
+    if finished:
+        print(f"{run_dir} finished already: test accuracy {finished['test']['accuracy']:.2%}")
+        return finished
+    checkpoint_path = os.path.join(run_dir, checkpoint.PT)
+    state = checkpoint.load_torch(checkpoint_path) if resume and os.path.exists(checkpoint_path) else None
     cli.seed_everything(args.seed)  # the same initial weights and batch order for every loss
     loss_fn = make_loss(loss, args.delta)
     train_x, train_y = dataset['train_x'], dataset['train_y']
@@ -178,22 +194,44 @@ def train(args, dataset, run_dir, loss, device):
     model = ConvNet(args.padding, len(class_names)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.gamma)
-    loader = batch_loader(train_x, train_y, args.batch_size, torch.Generator().manual_seed(args.seed))
-    plots.save_filter_grid(os.path.join(run_dir, 'conv1_epoch_00.png'), model.conv1.weight.detach().cpu().numpy())
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = batch_loader(train_x, train_y, args.batch_size, generator)
+    best_path = os.path.join(run_dir, 'best_model.pt')
 
-    history = {key: [] for key in ('train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'lr', 'valid_macro_precision',
-                                   'valid_macro_recall', 'train_seconds', 'epoch_seconds')}
-    results = {'script': 'train_cifar.py', 'config': vars(args) | {'lr': lr}, 'loss': loss, 'device': str(device),
-               'data': {'name': dataset['name'], 'originals': dataset['originals'], 'num_train': len(train_x),
-                        'num_valid': len(dataset['valid_x']), 'num_test': len(dataset['test_x']),
-                        'mean': dataset['mean'], 'std': dataset['std']},
-               'history': history, 'best_epoch': None}
-    best_acc, checkpoint = -1.0, os.path.join(run_dir, 'best_model.pt')
-    for epoch in range(1, args.epochs + 1):
+    def save_checkpoint(epoch):
+        checkpoint.save_torch(checkpoint_path, {
+            'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict(), 'generator': generator.get_state(),
+            'torch_rng': torch.get_rng_state(), 'best_acc': float(best_acc),
+            'results': checkpoint.results_text(results), 'best_valid': checkpoint.results_text(best_valid)})
+
+    if state is None:
+        plots.save_filter_grid(os.path.join(run_dir, 'conv1_epoch_00.png'), model.conv1.weight.detach().cpu().numpy())
+        history = {key: [] for key in ('train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'lr',
+                                       'valid_macro_precision', 'valid_macro_recall', 'train_seconds',
+                                       'epoch_seconds')}
+        results = {'script': 'train_cifar.py', 'config': vars(args) | {'lr': lr}, 'loss': loss, 'device': str(device),
+                   'data': {'name': dataset['name'], 'originals': dataset['originals'], 'num_train': len(train_x),
+                            'num_valid': len(dataset['valid_x']), 'num_test': len(dataset['test_x']),
+                            'mean': dataset['mean'], 'std': dataset['std']},
+                   'history': history, 'best_epoch': None}
+        done, best_acc, best_valid = 0, -1.0, None  # best_valid: summary() of the best epoch's validation scores
+        save_checkpoint(0)
+    else:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        generator.set_state(state['generator'])
+        torch.set_rng_state(state['torch_rng'])
+        results, best_valid = json.loads(state['results']), json.loads(state['best_valid'])
+        history, done, best_acc = results['history'], state['epoch'], state['best_acc']
+        print(f"resuming {run_dir} after epoch {done} of {args.epochs}")
+    for epoch in range(done + 1, args.epochs + 1):
         start = time.perf_counter()
         model.train()
         progress = tqdm(loader, desc=f"{loss} epoch {epoch}/{args.epochs}", leave=False)
         for step, (x, y) in enumerate(progress):
+            checkpoint.pause_for_tests(epoch, step + 1)
             batch_loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
@@ -215,8 +253,8 @@ def train(args, dataset, run_dir, loss, device):
         history['valid_macro_precision'].append(valid_scores['macro_precision'])
         history['valid_macro_recall'].append(valid_scores['macro_recall'])
         if valid_scores['accuracy'] > best_acc:
-            best_acc, best_valid_scores, results['best_epoch'] = valid_scores['accuracy'], valid_scores, epoch
-            torch.save({name: value.cpu() for name, value in model.state_dict().items()}, checkpoint)  # loads anywhere
+            best_acc, best_valid, results['best_epoch'] = valid_scores['accuracy'], summary(valid_scores, class_names), epoch
+            checkpoint.save_torch(best_path, {name: value.cpu() for name, value in model.state_dict().items()})
         plots.save_filter_grid(os.path.join(run_dir, f'conv1_epoch_{epoch:02d}.png'),
                                model.conv1.weight.detach().cpu().numpy())
         plots.plot_progress_2x2(os.path.join(run_dir, 'training_progress.png'), history, LOSS_TITLES[loss],
@@ -228,8 +266,9 @@ def train(args, dataset, run_dir, loss, device):
               f"valid loss {valid_scores['loss']:.4f} acc {valid_scores['accuracy']:.2%} | "
               f"lr {history['lr'][-1]:.4g} | {len(train_x) / train_seconds:.0f} img/s")
         cli.write_json(os.path.join(run_dir, 'results.json'), results)  # a stopped run keeps its curves
+        save_checkpoint(epoch)
 
-    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    model.load_state_dict(checkpoint.load_torch(best_path))
     test_logits = metrics.predict_logits(model, dataset['test_x'])
     test_scores = metrics.scores_from_logits(test_logits, dataset['test_y'], loss_fn)
     metrics.print_scores(test_scores, class_names,
@@ -238,7 +277,7 @@ def train(args, dataset, run_dir, loss, device):
                                 title=f"{dataset['name']} test, {LOSS_TITLES[loss].lower()}: "
                                       f"accuracy {test_scores['accuracy']:.2%}")
     save_misclassified(os.path.join(run_dir, 'misclassified.png'), test_logits, dataset, loss_fn, loss)
-    results.update(valid=summary(best_valid_scores, class_names), test=summary(test_scores, class_names),
+    results.update(valid=best_valid, test=summary(test_scores, class_names),
                    seconds_per_epoch=float(np.mean(history['train_seconds'])),
                    images_per_second=len(train_x) * args.epochs / sum(history['train_seconds']))
     cli.write_json(os.path.join(run_dir, 'results.json'), results)
@@ -256,11 +295,13 @@ def make_parser():
     return parser
 
 
-def main():
-    args = make_parser().parse_args()
+def main(argv=None):
+    args = cli.parse_args(make_parser(), 'train_cifar', argv)
     device = pick_device(args.device)
-    run_dir = cli.make_run_dir(args.save_dir, args.run_name, 'train_cifar', args.overwrite)
-    train(args, load_data(args, device), run_dir, args.loss, device)
+    dataset = load_data(args, device)
+    run_dir = cli.open_run_dir(args, 'train_cifar', argv)
+    with cli.resume_hint('train_cifar', run_dir):
+        train(args, dataset, run_dir, args.loss, device, resume=args.resume is not None)
 
 
 if __name__ == '__main__':

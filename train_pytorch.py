@@ -6,6 +6,10 @@ regularisation as the NumPy framework, so the two can be compared number for num
     python train_pytorch.py                              # the lab's run: 8 epochs, lambda 1e-3
     python train_pytorch.py --sweep                      # lambda in 1e-3, 1e-2, 1e-1, one model each
     python train_pytorch.py --compare-numpy --steps 50   # proves the two frameworks compute the same thing
+    python train_pytorch.py --resume runs/<run-name>     # go on after Ctrl-C or a kill, from the last epoch
+
+After every epoch the run folder gets checkpoint.pt (model, optimizer, scheduler, RNG states, results;
+torch.load(..., weights_only=True) reads it), from which --resume continues bit for bit.
 
 L2 regularisation is SGD's weight_decay on the conv1, conv2 and fc3 weights:
 weight_decay * w added to the gradient is exactly the gradient of the NumPy
@@ -23,6 +27,7 @@ Weights are written in the NumPy framework's .npz layout (nn.save_params), so
 scripts can load what this one writes.
 """
 import csv
+import json
 import os
 import sys
 import time
@@ -34,6 +39,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import data
 import nn as numpy_nn
@@ -62,7 +68,7 @@ def parse_args(argv=None):
                              'on the same batches, print both losses per step, exit 1 if they differ')
     parser.add_argument('--steps', type=cli.positive_int, default=50,
                         help='SGD steps for --compare-numpy (default: 50)')
-    return parser.parse_args(argv)
+    return cli.parse_args(parser, SCRIPT, argv)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -131,9 +137,7 @@ def numpy_params(model):
 
 def save_params(model, path):
     """Writes the weights in the layout of nn.save_params, atomically."""
-    tmp_path = path + '.tmp.npz'
-    np.savez(tmp_path, **numpy_params(model))
-    os.replace(tmp_path, path)
+    checkpoint.save_npz(path, numpy_params(model))
 
 
 def read_params(path):
@@ -223,14 +227,35 @@ def draw_filters(model, run_dir, epoch, step, writer=None):
         writer.add_image('conv1_filters', plots.filter_grid(weights), step, dataformats='HW')
 
 
-def train(args, tensors, run_dir, device):
-    """Trains one model with args.weight_decay; writes weights, filters, logs and results.json into run_dir."""
+def write_log(path, rows):
+    """The per-epoch rows as CSV, rewritten whole: a redone epoch replaces its row instead of adding one."""
+    def write(f):
+        log = csv.DictWriter(f, fieldnames=list(rows[0]))
+        log.writeheader()
+        log.writerows(rows)
+    cli.atomic_write(path, write, mode='w')
+
+
+def train(args, tensors, run_dir, device, resume=False):
+    """Trains one model with args.weight_decay; writes weights, filters, logs and results.json into run_dir.
+
+    Writes checkpoint.pt before the first epoch and after every epoch. With resume=True a run that
+    finished in run_dir is read back, and an unfinished one continues from its checkpoint.pt.
+    """
     cli.seed_everything(args.seed)
     dtype = getattr(torch, args.dtype)
     model = LabMnistNet().to(device=device, dtype=dtype)
-    if args.init_from:
+    finished = resume and checkpoint.finished_results(run_dir, 'test_acc')
+    if finished:
+        load_params(model, read_params(os.path.join(run_dir, 'weights.npz')), run_dir)
+        print(f"{run_dir} finished already: test accuracy {finished['test_acc']:.2%}")
+        return finished, model
+    checkpoint_path = os.path.join(run_dir, checkpoint.PT)
+    state = checkpoint.load_torch(checkpoint_path) if resume and os.path.exists(checkpoint_path) else None
+    if args.init_from and state is None:
         load_params(model, read_params(args.init_from), f"--init-from {args.init_from}")
-    save_params(model, os.path.join(run_dir, 'init_weights.npz'))
+    if state is None:
+        save_params(model, os.path.join(run_dir, 'init_weights.npz'))
 
     policy = args.lr_policy
     optimizer = make_optimizer(model, cli.lr_at(policy, 1), args.weight_decay)
@@ -245,17 +270,35 @@ def train(args, tensors, run_dir, device):
         from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow to import
         writer = SummaryWriter(os.path.join(run_dir, 'tensorboard'))
 
-    valid_loss, _ = evaluate(model, eval_loaders['valid'])
-    results = {'config': vars(args), 'initial_loss': valid_loss + reg_loss(optimizer), 'epochs': []}
-    print(f"initial validation loss {results['initial_loss']:.4f} (ln 10 = {np.log(10):.4f} + regularisation)")
-    draw_filters(model, run_dir, 0, 0, writer)
-    csv_path = os.path.join(run_dir, 'log.csv')
-    step = 0
-    for epoch in range(1, args.epochs + 1):
+
+    def save_checkpoint(epoch):
+        checkpoint.save_torch(checkpoint_path, {
+            'epoch': epoch, 'step': step, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict(), 'generator': generator.get_state(),
+            'torch_rng': torch.get_rng_state(), 'results': checkpoint.results_text(results)})
+
+    if state is None:
+        valid_loss, _ = evaluate(model, eval_loaders['valid'])
+        results = {'config': vars(args), 'initial_loss': valid_loss + reg_loss(optimizer), 'epochs': []}
+        print(f"initial validation loss {results['initial_loss']:.4f} (ln 10 = {np.log(10):.4f} + regularisation)")
+        draw_filters(model, run_dir, 0, 0, writer)
+        done, step = 0, 0
+        save_checkpoint(0)
+    else:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        generator.set_state(state['generator'])
+        torch.set_rng_state(state['torch_rng'])
+        results = json.loads(state['results'])
+        done, step = state['epoch'], state['step']
+        print(f"resuming {run_dir} after epoch {done} of {args.epochs}")
+    for epoch in range(done + 1, args.epochs + 1):
         lr = optimizer.param_groups[0]['lr']
         start = time.perf_counter()
         progress = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs} lr {lr:g}", leave=False)
-        for x, y in progress:
+        for i, (x, y) in enumerate(progress):
+            checkpoint.pause_for_tests(epoch, i + 1)
             loss = train_step(model, optimizer, x, y)
             step += 1
             if step % args.draw_every == 0:
@@ -277,14 +320,11 @@ def train(args, tensors, run_dir, device):
               f"valid loss {row['valid_loss']:.4f} acc {valid_acc:.2%}, "
               f"{seconds:.1f} s ({row['images_per_second']:.0f} img/s)")
         cli.write_json(os.path.join(run_dir, 'results.json'), results)
-        with open(csv_path, 'a' if epoch > 1 else 'w', newline='') as f:
-            log = csv.DictWriter(f, fieldnames=list(row))
-            if epoch == 1:
-                log.writeheader()
-            log.writerow(row)
+        write_log(os.path.join(run_dir, 'log.csv'), results['epochs'])
         if writer is not None:
             for key in ('lr', 'train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'data_loss', 'reg_loss'):
                 writer.add_scalar(key, row[key], epoch)
+        save_checkpoint(epoch)
 
     save_params(model, os.path.join(run_dir, 'weights.npz'))
     test_data_loss, test_acc = evaluate(model, eval_loaders['test'])
@@ -306,11 +346,12 @@ def train(args, tensors, run_dir, device):
 def sweep(args, tensors, run_dir, device):
     """One model per lambda in <run-dir>/wd_<lambda>/, and a table comparing them: sweep.json and sweep.md."""
     rows = []
+    resume = args.resume is not None
     for weight_decay in args.sweep or cli.LAB_SWEEP:
-        sub_dir = cli.make_run_dir(run_dir, f"wd_{weight_decay:g}", SCRIPT, args.overwrite)
+        sub_dir = cli.make_run_dir(run_dir, f"wd_{weight_decay:g}", SCRIPT, args.overwrite or resume)
         print(f"--- lambda = {weight_decay:g} -> {sub_dir}")
         run_args = type(args)(**{**vars(args), 'weight_decay': weight_decay, 'sweep': None})
-        results, model = train(run_args, tensors, sub_dir, device)
+        results, model = train(run_args, tensors, sub_dir, device, resume)
         last = results['epochs'][-1]
         rows.append({'weight_decay': weight_decay, 'valid_acc': last['valid_acc'], 'test_acc': results['test_acc'],
                      'data_loss': last['data_loss'], 'reg_loss': last['reg_loss'],
@@ -374,7 +415,7 @@ def compare_with_numpy(x, y, steps, batch_size, lr, weight_decay, seed, device=t
 def run_comparison(args, device):
     lr = cli.lr_at(args.lr_policy, 1)
     num_images = args.steps * args.batch_size
-    mnist = data.prepare_mnist(args.data_dir, np.float64)
+    mnist = data.prepare_mnist(args.data_dir, np.float64, valid_size=args.valid_size)
     print(f"NumPy vs PyTorch, float64: {args.steps} SGD steps, lr {lr:g}, lambda {args.weight_decay:g}, "
           f"batches of {args.batch_size} from the first {num_images} training images in order, "
           f"the same initial weights (NumPy's, seed {args.seed}).")
@@ -396,23 +437,24 @@ def run_comparison(args, device):
     return verdict == 'EQUAL'
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = resolve_device(args.device)
     if args.compare_numpy:
         # float64 on both sides: any difference beyond rounding is a real mismatch, not float32 noise.
         if not run_comparison(args, device):
             sys.exit(1)
         return
-    if args.init_from:  # a bad file is reported before any data is read
+    if args.init_from and args.resume is None:  # a bad file is reported before any data is read
         load_params(LabMnistNet(), read_params(args.init_from), f"--init-from {args.init_from}")
-    run_dir = cli.make_run_dir(args.save_dir, args.run_name, SCRIPT, args.overwrite)
-    mnist = data.prepare_mnist(args.data_dir, getattr(np, args.dtype))
+    mnist = data.prepare_mnist(args.data_dir, getattr(np, args.dtype), valid_size=args.valid_size)
     tensors = to_tensors(mnist, args, device)
-    if args.sweep is not None:
-        sweep(args, tensors, run_dir, device)
-    else:
-        train(args, tensors, run_dir, device)
+    run_dir = cli.open_run_dir(args, SCRIPT, argv)
+    with cli.resume_hint(SCRIPT, run_dir):
+        if args.sweep is not None:
+            sweep(args, tensors, run_dir, device)
+        else:
+            train(args, tensors, run_dir, device, resume=args.resume is not None)
 
 
 if __name__ == '__main__':

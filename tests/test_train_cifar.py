@@ -57,9 +57,9 @@ def test_quick_run_writes_every_file(synthetic_cifar, tmp_path):
                   '--save-dir', str(tmp_path), '--run-name', 'quick', '--device', 'cpu')
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / 'quick'
-    assert sorted(os.listdir(run_dir)) == ['best_model.pt', 'confusion_matrix.png', 'conv1_epoch_00.png',
-                                           'conv1_epoch_01.png', 'misclassified.png', 'results.json',
-                                           'training_progress.png']
+    assert sorted(os.listdir(run_dir)) == ['best_model.pt', 'checkpoint.pt', 'config.json', 'confusion_matrix.png',
+                                           'conv1_epoch_00.png', 'conv1_epoch_01.png', 'misclassified.png',
+                                           'results.json', 'training_progress.png']
     results = json.loads((run_dir / 'results.json').read_text())
     assert results['config']['epochs'] == 1 and results['config']['padding'] == 2 and results['loss'] == 'ce'
     assert results['data'] | {'mean': None, 'std': None} == {
