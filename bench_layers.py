@@ -4,31 +4,24 @@ A step is forward + loss + backward + SGD update on one batch of random images
 (speed does not depend on the pixel values). The three contenders run in one
 process, interleaved round by round, so a neighbour that loads the machine
 slows all of them alike; the medians and ratios are what to compare. --threads
-sets OpenBLAS's and PyTorch's threads; the Cython kernels always run on one
-(see THREADS in im2col_cython.pyx). A load average above the number of cores
-means other programs compete for the CPU, and multi-threaded timings suffer most.
+sets the layers' threads (layers.set_num_threads: each heavy layer splits its
+work between them, with OpenBLAS single-threaded inside) and PyTorch's. A load
+average above the number of cores means other programs compete for the CPU,
+and multi-threaded timings suffer most. --profile adds the time of every
+layer's forward and backward in the NumPy float32 net.
 
     python bench_layers.py                 # 30 rounds, all cores
-    python bench_layers.py --threads 1     # one core for OpenBLAS and for PyTorch
+    python bench_layers.py --threads 1     # one core for the layers and for PyTorch
 """
 import os
+import time
 
-# OpenBLAS's idle worker threads busy-wait 2**28 cycles (~0.1 s) after each BLAS call before they
-# sleep. A training step calls BLAS every millisecond, so they never sleep and hold a core that
-# the other contender (and the Cython kernels) then lack: PyTorch's step took ~30x longer next to
-# them on a loaded 2-core machine. 2**4 cycles lets them sleep at once. OpenBLAS reads this when
-# NumPy loads it, so it is set before the import; an explicit setting in the environment wins.
-os.environ.setdefault('OPENBLAS_THREAD_TIMEOUT', '4')
+import numpy as np
+import torch
 
-import ctypes  # noqa: E402
-import glob  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import cli  # noqa: E402
-import nn  # noqa: E402
+import cli
+import layers
+import nn
 
 
 def parse_args():
@@ -38,27 +31,23 @@ def parse_args():
     parser.add_argument('--warmup', type=cli.positive_int, default=3, help='untimed steps first (default: 3)')
     parser.add_argument('--batch-size', type=cli.positive_int, default=50, help='(default: 50, the lab\'s)')
     parser.add_argument('--threads', type=cli.positive_int, default=torch.get_num_threads(),
-                        help=f'threads of OpenBLAS and of PyTorch (default: {torch.get_num_threads()}, '
+                        help=f'threads of the layers and of PyTorch (default: {torch.get_num_threads()}, '
                              'PyTorch\'s default)')
+    parser.add_argument('--profile', action='store_true', help='also time every layer of the NumPy float32 net')
     parser.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     return parser.parse_args()
 
 
-def set_openblas_threads(num_threads):
-    """Sets the thread count of NumPy's bundled OpenBLAS, as threadpoolctl would; False where it is not found."""
-    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, 'numpy.libs', '*openblas*')):
-        library = ctypes.CDLL(path)
-        for name in ('scipy_openblas_set_num_threads64_', 'openblas_set_num_threads64_', 'openblas_set_num_threads'):
-            if hasattr(library, name):
-                getattr(library, name)(num_threads)
-                return True
-    return False
-
-
-def numpy_step(dtype, batch_size, rng):
+def numpy_step(dtype, batch_size, rng, layer_times=None):
+    """One training step of the NumPy net; with layer_times (a dict), each layer's share is added there."""
     net, loss = nn.lab_mnist_net(batch_size, dtype)
     x = rng.standard_normal((batch_size, 1, 28, 28)).astype(dtype)
     y = rng.integers(0, 10, batch_size)
+    if layer_times is not None:
+        for layer in net:
+            for method in ('forward', 'backward_inputs', 'backward_params'):
+                if hasattr(layer, method):
+                    setattr(layer, method, timed(getattr(layer, method), f'{layer.name}.{method}', layer_times))
 
     def step():
         logits = nn.forward_pass(net, x)
@@ -66,6 +55,15 @@ def numpy_step(dtype, batch_size, rng):
         grads = nn.backward_pass(net, loss, logits, y)
         nn.sgd_update_params(grads, {'lr': 1e-3})
     return step
+
+
+def timed(method, key, layer_times):
+    def wrapper(*args):
+        start = time.perf_counter()
+        result = method(*args)
+        layer_times.setdefault(key, []).append(time.perf_counter() - start)
+        return result
+    return wrapper
 
 
 def torch_step(batch_size, rng):
@@ -89,16 +87,20 @@ def main():
     args = parse_args()
     cli.seed_everything(args.seed)
     torch.set_num_threads(args.threads)
-    if not set_openblas_threads(args.threads):
-        print("note: NumPy's BLAS is not OpenBLAS here; it runs with its default thread count")
+    layers.set_num_threads(args.threads)
+    if not layers.set_blas_threads(1):   # the layers' threads do the parallel work
+        print("note: NumPy's BLAS is not a bundled OpenBLAS here; it runs with its default thread count")
     rng = np.random.default_rng(args.seed)
-    steps = {'numpy float32': numpy_step(np.float32, args.batch_size, rng),
+    layer_times = {} if args.profile else None
+    steps = {'numpy float32': numpy_step(np.float32, args.batch_size, rng, layer_times),
              'numpy float64': numpy_step(np.float64, args.batch_size, rng),
              'torch float32': torch_step(args.batch_size, rng)}
     times = {name: [] for name in steps}
     for _ in range(args.warmup):
         for step in steps.values():
             step()
+    for times_of_layer in (layer_times or {}).values():
+        times_of_layer.clear()
     for _ in range(args.steps):  # round robin: a busy neighbour slows every contender alike
         for name, step in steps.items():
             start = time.perf_counter()
@@ -111,6 +113,11 @@ def main():
     for name, seconds in times.items():
         median = np.median(seconds)
         print(f"{name:15s} {1e3 * median:15.1f} {1e3 * min(seconds):12.1f} {args.batch_size / median:8.0f}")
+    if layer_times:
+        print("numpy float32, per layer (median ms):")
+        for key, seconds in layer_times.items():
+            print(f"  {key:28s} {1e3 * np.median(seconds):6.2f}")
+        print(f"  {'sum':28s} {1e3 * sum(np.median(seconds) for seconds in layer_times.values()):6.2f}")
     for name in ('numpy float32', 'numpy float64'):
         print(f"{name} / torch float32: {np.median(times[name]) / np.median(times['torch float32']):.2f} (medians), "
               f"{min(times[name]) / min(times['torch float32']):.2f} (minima)")

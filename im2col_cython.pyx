@@ -278,21 +278,47 @@ def max_pool_forward(x, int pool_size, int stride, int num_threads=1):
     out_w = output_size(W, pool_size, 0, stride)
     out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
     argmax = np.empty((N, C, out_h, out_w), dtype=np.int32)
-    _max_pool_fill(x.reshape(N * C, H, W), out.reshape(N * C, out_h, out_w), argmax.reshape(N * C, out_h, out_w),
-                   pool_size, stride, num_threads if num_threads > 0 else _default_threads())
+    max_pool_forward_into(x, out, argmax, pool_size, stride, num_threads)
     return out, argmax
+
+
+def max_pool_forward_into(x, out, argmax, int pool_size, int stride, int num_threads=1):
+    """max_pool_forward written into the C-contiguous arrays out and argmax (e.g. a slice of the batch)."""
+    N, C, H, W = x.shape
+    out_h, out_w = output_size(H, pool_size, 0, stride), output_size(W, pool_size, 0, stride)
+    _check_pool_arrays(out, argmax, (N, C, out_h, out_w), x.dtype)
+    _max_pool_fill(np.ascontiguousarray(x).reshape(N * C, H, W), out.reshape(N * C, out_h, out_w),
+                   argmax.reshape(N * C, out_h, out_w), pool_size, stride,
+                   num_threads if num_threads > 0 else _default_threads())
 
 
 def max_pool_backward(grad_out, argmax, int H, int W, int num_threads=1):
     """Routes each window's gradient to its maximum: (N, C, H', W') -> (N, C, H, W)."""
+    N, C = grad_out.shape[:2]
+    dx = np.empty((N, C, H, W), dtype=grad_out.dtype)
+    max_pool_backward_into(grad_out, argmax, dx, num_threads)
+    return dx
+
+
+def max_pool_backward_into(grad_out, argmax, dx, int num_threads=1):
+    """max_pool_backward written into (overwriting) the C-contiguous (N, C, H, W) array dx."""
     grad_out = np.ascontiguousarray(grad_out)
     N, C, out_h, out_w = grad_out.shape
     if argmax.shape != grad_out.shape or argmax.dtype != np.int32:
         raise ValueError(f"argmax must be int32 of shape {grad_out.shape}, got {argmax.dtype} {argmax.shape}")
-    dx = np.empty((N, C, H, W), dtype=grad_out.dtype)
-    _max_pool_backward_fill(grad_out.reshape(N * C, out_h * out_w), argmax.reshape(N * C, out_h * out_w),
-                            dx.reshape(N * C, H * W), num_threads if num_threads > 0 else _default_threads())
-    return dx
+    if dx.ndim != 4 or dx.shape[:2] != (N, C) or dx.dtype != grad_out.dtype or not dx.flags.c_contiguous:
+        raise ValueError(f"dx must be a C-contiguous {grad_out.dtype} array of shape ({N}, {C}, H, W), "
+                         f"got {dx.dtype} {dx.shape}")
+    _max_pool_backward_fill(grad_out.reshape(N * C, out_h * out_w), np.ascontiguousarray(argmax).reshape(N * C, -1),
+                            dx.reshape(N * C, -1), num_threads if num_threads > 0 else _default_threads())
+
+
+def _check_pool_arrays(out, argmax, shape, dtype):
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {shape}, got {out.dtype} {out.shape}")
+    if argmax.shape != shape or argmax.dtype != np.int32 or not argmax.flags.c_contiguous:
+        raise ValueError(f"argmax must be a C-contiguous int32 array of shape {shape}, "
+                         f"got {argmax.dtype} {argmax.shape}")
 
 
 cdef extern from *:

@@ -13,6 +13,11 @@ of the example input is only an example; any N works at run time. Parameters
 take the dtype of the layer below (float32 or float64), and forward() refuses
 inputs of another dtype or shape with a ValueError naming the layer.
 """
+import ctypes
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 import im2col as im2col_module
@@ -42,6 +47,95 @@ def _dtype_of(input_layer):
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"layers work in float32 or float64, got {dtype}")
     return dtype
+
+
+# ----------------------------------------------------------------------------- threads
+# Data parallelism: the heavy layers split their work (the batch, or a weight matrix's rows) into
+# one fixed part per thread and run the parts at once in Python threads; NumPy's GEMMs and the
+# Cython kernels release the GIL. While they do, OpenBLAS runs single-threaded in each thread:
+# its own threads scale badly on these small GEMMs (M = 16 or 32 filters), the im2col/pooling
+# kernels around them would run on one core, and two callers of a multi-threaded OpenBLAS queue
+# for its one thread pool. Two threads make a training step of the lab net ~1.8x faster than one.
+# The parts are fixed by the thread count, so results do not change from run to run; only sums
+# over the batch (weight gradients) are added in another order for another thread count.
+
+def _find_openblas():
+    """(set_num_threads, get_num_threads) of NumPy's bundled OpenBLAS, or None (another BLAS, e.g. Accelerate)."""
+    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, 'numpy.libs')
+    for path in glob.glob(os.path.join(libs, '*openblas*')):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (('scipy_openblas', '64_'), ('openblas', '64_'), ('openblas', '')):
+            setter = getattr(library, f'{prefix}_set_num_threads{suffix}', None)
+            getter = getattr(library, f'{prefix}_get_num_threads{suffix}', None)
+            if setter is not None and getter is not None:
+                setter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int
+                return setter, getter
+    return None
+
+
+_openblas = _find_openblas()
+num_threads = 1
+_workers = None
+
+
+def set_num_threads(threads):
+    """Threads the layers use (default: the CPUs this process may run on, at most 8)."""
+    global num_threads, _workers
+    if threads < 1:
+        raise ValueError(f"need at least one thread, got {threads}")
+    if _workers is not None:
+        _workers.shutdown()
+    num_threads = int(threads)
+    _workers = ThreadPoolExecutor(num_threads - 1, thread_name_prefix='layers') if num_threads > 1 else None
+
+
+def set_blas_threads(threads):
+    """Sets OpenBLAS's own thread count; False where NumPy's BLAS is not a bundled OpenBLAS."""
+    if _openblas is None:
+        return False
+    _openblas[0](threads)
+    return True
+
+
+set_num_threads(min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))
+
+# Below this many multiply-adds a part is too small to be worth a thread's wake-up (~50 us).
+MIN_WORK_PER_THREAD = 1 << 20
+
+
+def _parts(size, work):
+    """Fixed contiguous slices of range(size), one per thread, none of them with less than MIN_WORK_PER_THREAD."""
+    count = int(max(1, min(num_threads, size, work // MIN_WORK_PER_THREAD)))
+    bounds = [size * i // count for i in range(count + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
+
+
+def _in_parallel(function, parts):
+    """[function(part) for part in parts], the parts in threads at once (the first in this thread).
+
+    With more than one layer thread, OpenBLAS runs single-threaded in here even for one part:
+    then its worker threads never wake up, and never spin on a core the layers' threads need.
+    """
+    if num_threads == 1 or _openblas is None:
+        return _run(function, parts)
+    blas_threads = _openblas[1]()
+    _openblas[0](1)
+    try:
+        return _run(function, parts)
+    finally:
+        _openblas[0](blas_threads)
+
+
+def _run(function, parts):
+    futures = [_workers.submit(function, part) for part in parts[1:]]
+    try:
+        first = function(parts[0])
+    finally:   # never leave a thread writing into arrays after an error here
+        others = [future.result() for future in futures]
+    return [first] + others
 
 
 class Layer:
@@ -99,51 +193,68 @@ class Convolution(Layer):
         self.weights = np.asarray(weights_initializer_fn([num_filters, fan_in], fan_in), dtype=self.dtype)
         self.bias = np.asarray(bias_initializer_fn([num_filters]), dtype=self.dtype)
 
-    # The batch goes through a few images at a time: their im2col columns (a few MB) are still in
-    # the CPU cache when the GEMM reads them, whereas all 50 images' columns of the lab net's conv2
-    # (16 MB in float32) go out to RAM and back. A training step gets ~5-10% faster (bench_layers.py).
-    # chunk_bytes = float('inf') gives the textbook version: one im2col, one GEMM; tests check both.
-    chunk_bytes = 4 << 20
+    # Each thread takes its part of the batch through a few images at a time: their im2col columns
+    # (~1 MB) are still in the core's cache when the GEMM reads them, whereas all 50 images'
+    # columns of the lab net's conv2 (16 MB in float32) go out to RAM and back.
+    # chunk_bytes = float('inf') and one thread give the textbook version: one im2col, one GEMM;
+    # tests check that every split gives the same result.
+    chunk_bytes = 1 << 20
 
-    def _chunks(self, N):
-        """Slices of the batch, each with about chunk_bytes of im2col columns."""
+    def _chunks(self, images):
+        """Slices of the images slice, each with about chunk_bytes of im2col columns."""
         bytes_per_image = self.weights.shape[1] * self.shape[2] * self.shape[3] * self.dtype.itemsize
-        step = int(max(1, min(N, self.chunk_bytes // bytes_per_image)))
-        return [slice(start, min(start + step, N)) for start in range(0, N, step)]
+        step = int(max(1, min(images.stop - images.start, self.chunk_bytes // bytes_per_image)))
+        return [slice(start, min(start + step, images.stop)) for start in range(images.start, images.stop, step)]
+
+    def _parts(self, N):
+        """Per-thread slices of the batch."""
+        return _parts(N, N * self.weights.size * self.shape[2] * self.shape[3])
+
+    def _columns(self, images):
+        """The columns of x_cols (C*k*k, N*H'*W') that belong to a slice of images."""
+        pixels = self.shape[2] * self.shape[3]
+        return slice(images.start * pixels, images.stop * pixels)
 
     def forward(self, x):
         self._check_input(x)
         N, (F, out_h, out_w), k = x.shape[0], self.shape[1:], self.kernel_size
-        pixels = out_h * out_w
-        self.x_cols = np.empty((self.weights.shape[1], N * pixels), dtype=self.dtype)  # (C*k*k, N*H'*W'), for backward
+        self.x_cols = np.empty((self.weights.shape[1], N * out_h * out_w), dtype=self.dtype)  # for backward
         out = np.empty((N, F, out_h, out_w), dtype=self.dtype)
-        for images in self._chunks(N):
-            cols = self.x_cols[:, images.start * pixels:images.stop * pixels]
-            im2col_into(x[images], cols, k, k, self.pad, self.stride)
-            # (F, n*H'*W') -> (n, F, H', W'), plus the bias, in one pass
-            np.add((self.weights @ cols).reshape(F, -1, out_h, out_w).transpose(1, 0, 2, 3),
-                   self.bias[:, None, None], out=out[images])
+
+        def forward_images(part):
+            for images in self._chunks(part):
+                cols = self.x_cols[:, self._columns(images)]
+                im2col_into(x[images], cols, k, k, self.pad, self.stride)
+                # (F, n*H'*W') -> (n, F, H', W'), plus the bias, in one pass
+                np.add((self.weights @ cols).reshape(F, -1, out_h, out_w).transpose(1, 0, 2, 3),
+                       self.bias[:, None, None], out=out[images])
+        _in_parallel(forward_images, self._parts(N))
         return out
 
     def _grad_rows(self, grad_out):
-        """(N, F, H', W') -> (F, N*H'*W'), the layout of weights @ x_cols."""
+        """(n, F, H', W') -> (F, n*H'*W'), the layout of weights @ x_cols."""
         return grad_out.transpose(1, 0, 2, 3).reshape(self.num_filters, -1)
 
     def backward_inputs(self, grad_out):
         k = self.kernel_size
         grad_x = np.empty((grad_out.shape[0],) + self.input_shape[1:], dtype=self.dtype)
-        for images in self._chunks(grad_out.shape[0]):
-            grad_cols = self.weights.T @ self._grad_rows(grad_out[images])  # (C*k*k, n*H'*W')
-            col2im_into(grad_cols, grad_x[images], k, k, self.pad, self.stride)
+
+        def backward_images(part):
+            for images in self._chunks(part):
+                grad_cols = self.weights.T @ self._grad_rows(grad_out[images])  # (C*k*k, n*H'*W')
+                col2im_into(grad_cols, grad_x[images], k, k, self.pad, self.stride)
+        _in_parallel(backward_images, self._parts(grad_out.shape[0]))
         return grad_x
 
     def backward_params(self, grad_out):
-        # x_cols @ grad_rows.T is grad_rows @ x_cols.T transposed; BLAS runs this orientation
-        # faster because both operands are read along their contiguous rows.
-        grad_rows = self._grad_rows(grad_out)
-        grad_weights = np.ascontiguousarray((self.x_cols @ grad_rows.T).T)
-        grad_bias = grad_rows.sum(axis=1)
-        return [[self.weights, grad_weights], [self.bias, grad_bias], self.name]
+        def sums(images):   # this part of the batch's share of the gradients
+            grad_rows = self._grad_rows(grad_out[images])
+            # x_cols @ grad_rows.T is grad_rows @ x_cols.T transposed; BLAS runs this orientation
+            # faster because both operands are read along their contiguous rows.
+            return self.x_cols[:, self._columns(images)] @ grad_rows.T, grad_rows.sum(axis=1)
+        parts = _in_parallel(sums, self._parts(grad_out.shape[0]))
+        grad_weights, grad_bias = (sum(terms[1:], terms[0]) for terms in zip(*parts))
+        return [[self.weights, np.ascontiguousarray(grad_weights.T)], [self.bias, grad_bias], self.name]
 
 
 class MaxPooling(Layer):
@@ -170,16 +281,32 @@ class MaxPooling(Layer):
 
     def forward(self, x):
         self._check_input(x)
-        if self.use_cython:
-            out, self.argmax = im2col_module.kernels.max_pool_forward(x, self.pool_size, self.stride)
-            return out
-        return self._forward_numpy(x)
+        if not self.use_cython:
+            return self._forward_numpy(x)
+        x = np.ascontiguousarray(x)
+        out = np.empty((x.shape[0],) + self.shape[1:], dtype=self.dtype)
+        self.argmax = np.empty(out.shape, dtype=np.int32)
+
+        def forward_images(images):
+            im2col_module.kernels.max_pool_forward_into(x[images], out[images], self.argmax[images],
+                                                        self.pool_size, self.stride)
+        _in_parallel(forward_images, self._parts(x))
+        return out
 
     def backward_inputs(self, grad_out):
-        if self.use_cython:
-            _, _, H, W = self.input_shape
-            return im2col_module.kernels.max_pool_backward(grad_out, self.argmax, H, W)
-        return self._backward_numpy(grad_out)
+        if not self.use_cython:
+            return self._backward_numpy(grad_out)
+        grad_out = np.ascontiguousarray(grad_out)
+        grad_x = np.empty((grad_out.shape[0],) + self.input_shape[1:], dtype=self.dtype)
+
+        def backward_images(images):
+            im2col_module.kernels.max_pool_backward_into(grad_out[images], self.argmax[images], grad_x[images])
+        _in_parallel(backward_images, self._parts(grad_x))
+        return grad_x
+
+    def _parts(self, x):
+        """Per-thread slices of the batch; pooling does ~10 operations per input pixel."""
+        return _parts(x.shape[0], 10 * x.size)
 
     def _windows(self, x):
         """(N, C, H, W) -> (N, C, H', W', pool*pool)."""
@@ -246,16 +373,39 @@ class FC(Layer):
                                   dtype=self.dtype)
         self.bias = np.asarray(bias_initializer_fn([num_outputs]), dtype=self.dtype)
 
+    # Each thread computes a block of outputs (forward, weight gradient) or of inputs (input
+    # gradient), so it reads only its block of the weights and every result is one GEMM, as unsplit.
+
+    def _parts(self, size, N):
+        return _parts(size, N * self.weights.size)
+
     def forward(self, x):
         self._check_input(x)
         self.inputs = x  # kept for backward_params
-        return x @ self.weights.T + self.bias
+        # out.T = weights @ x.T: OpenBLAS runs this orientation ~20% faster than x @ weights.T.
+        out_t = np.empty((self.num_outputs, x.shape[0]), dtype=self.dtype)
+
+        def outputs(part):
+            np.matmul(self.weights[part], x.T, out=out_t[part])
+            out_t[part] += self.bias[part, None]
+        _in_parallel(outputs, self._parts(self.num_outputs, x.shape[0]))
+        return out_t.T
 
     def backward_inputs(self, grad_out):
-        return grad_out @ self.weights
+        grad_x = np.empty((grad_out.shape[0], self.num_inputs), dtype=self.dtype)
+
+        def inputs(part):
+            np.matmul(grad_out, self.weights[:, part], out=grad_x[:, part])
+        _in_parallel(inputs, self._parts(self.num_inputs, grad_out.shape[0]))
+        return grad_x
 
     def backward_params(self, grad_out):
-        return [[self.weights, grad_out.T @ self.inputs], [self.bias, grad_out.sum(axis=0)], self.name]
+        grad_weights = np.empty_like(self.weights)
+
+        def outputs(part):
+            np.matmul(grad_out[:, part].T, self.inputs, out=grad_weights[part])
+        _in_parallel(outputs, self._parts(self.num_outputs, grad_out.shape[0]))
+        return [[self.weights, grad_weights], [self.bias, grad_out.sum(axis=0)], self.name]
 
 
 class ReLU(Layer):
