@@ -1,0 +1,223 @@
+"""Interrupted runs: killed (SIGKILL), stopped (SIGTERM) or Ctrl-C'd (SIGINT) in the middle of an epoch and
+resumed with --resume, every script ends with exactly the weights and metrics of an uninterrupted run.
+
+The runs are tiny (synthetic data, a few steps per epoch). LAB2_PAUSE_AT=EPOCH:STEP (checkpoint.py) makes a
+run print 'paused at ...' and sleep in the middle of epoch 2, so that the signal always lands there. The run
+that is stopped is a process of its own; the reference runs and the resumed ones call main() in this
+process, which saves the seconds it takes to import PyTorch again.
+"""
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import cli
+from conftest import ROOT, make_synthetic_cifar, make_synthetic_mnist
+
+MNIST_FLAGS = ['--valid-size', '60', '--limit', '40', '--batch-size', '10', '--epochs', '2', '--seed', '3']
+SCRIPTS = {  # script -> (data set, flags): 4 steps per epoch, 2 epochs
+    'train.py': ('mnist', MNIST_FLAGS + ['--draw-every', '1000']),
+    'train_pytorch.py': ('mnist', MNIST_FLAGS + ['--draw-every', '1000']),
+    'train_cifar.py': ('cifar', ['--valid-size', '40', '--limit', '40', '--batch-size', '10', '--epochs', '2',
+                                 '--device', 'cpu']),
+}
+TIMING = {'seconds', 'images_per_second', 'seconds_per_epoch', 'train_seconds', 'epoch_seconds'}
+
+
+@pytest.fixture(scope='module')
+def data_dirs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('data'))
+    make_synthetic_mnist(root, num_train=120, num_test=20)
+    make_synthetic_cifar(root, per_batch=40)
+    return {'mnist': root, 'cifar': root}
+
+
+def flags_for(run_dir, data_dir, flags):
+    return ['--data-dir', data_dir, '--save-dir', os.path.dirname(run_dir), '--run-name', os.path.basename(run_dir),
+            *flags]
+
+
+def command(script, run_dir, data_dir, flags):
+    return [sys.executable, os.path.join(ROOT, script), *flags_for(run_dir, data_dir, flags)]
+
+
+def main(script, argv):
+    """The script's main(argv), here in this process."""
+    importlib.import_module(script.removesuffix('.py')).main(argv)
+
+
+def start_and_pause(args, pause, tmp_path):
+    """Starts a run that pauses at `pause` (LAB2_PAUSE_AT) and returns the process once it has paused there."""
+    stderr = open(tmp_path / f'stderr-{time.monotonic_ns()}', 'w+')
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                               env={**os.environ, 'LAB2_PAUSE_AT': pause})
+    for line in process.stdout:
+        if line.startswith('paused at'):
+            return process, stderr
+    process.wait()
+    stderr.seek(0)
+    pytest.fail(f"the run ended (exit {process.returncode}) without pausing: {stderr.read()[-2000:]}")
+
+
+def final_weights(run_dir, script):
+    """{name: array} of what the run ended with."""
+    if script == 'train_cifar.py':  # the last epoch's model and the best-validation one
+        state = checkpoint.load_torch(os.path.join(run_dir, checkpoint.PT))
+        best = checkpoint.load_torch(os.path.join(run_dir, 'best_model.pt'))
+        return {**{f'last.{k}': v.numpy() for k, v in state['model'].items()},
+                **{f'best.{k}': v.numpy() for k, v in best.items()}}
+    return checkpoint.load_npz(os.path.join(run_dir, 'weights.npz'))
+
+
+def metrics(run_dir):
+    """results.json without the timings and without the run's own name and folder."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in TIMING | {'run_name', 'save_dir', 'resume', 'run_dir'}}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        return strip(json.load(f))
+
+
+def assert_same_run(run_dir, reference, script):
+    expected, got = final_weights(reference, script), final_weights(run_dir, script)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert np.array_equal(got[key], expected[key]), key
+    assert metrics(run_dir) == metrics(reference)
+
+
+@pytest.fixture(scope='module')
+def reference_runs(data_dirs, tmp_path_factory):
+    """Uninterrupted runs, one per script, made when first asked for."""
+    root, runs = tmp_path_factory.mktemp('reference'), {}
+
+    def get(script):
+        if script not in runs:
+            data_set, flags = SCRIPTS[script]
+            runs[script] = str(root / script)
+            main(script, flags_for(runs[script], data_dirs[data_set], flags))
+        return runs[script]
+    return get
+
+
+def epoch_of_checkpoint(run_dir, script):
+    if script == 'train_cifar.py' or script == 'train_pytorch.py':
+        return checkpoint.load_torch(os.path.join(run_dir, checkpoint.PT))['epoch']  # weights_only=True
+    return int(checkpoint.load_npz(os.path.join(run_dir, checkpoint.NPZ))['epoch'])  # allow_pickle=False
+
+
+@pytest.mark.parametrize('script, signum', [
+    ('train.py', signal.SIGKILL),
+    ('train_pytorch.py', signal.SIGKILL),
+    ('train_cifar.py', signal.SIGINT),
+    ('train.py', signal.SIGTERM),
+])
+def test_stopped_mid_epoch_then_resumed_ends_as_if_never_stopped(script, signum, data_dirs, reference_runs, tmp_path,
+                                                                 capsys):
+    data_set, flags = SCRIPTS[script]
+    run_dir = str(tmp_path / 'run')
+    process, stderr = start_and_pause(command(script, run_dir, data_dirs[data_set], flags), '2:3', tmp_path)
+    process.send_signal(signum)
+    process.wait(timeout=60)
+    stderr.seek(0)
+    errors = stderr.read()
+    if signum == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+    else:  # a clean stop: one line saying how to resume, the exit code of the signal, no traceback
+        assert process.returncode == 128 + signum
+        last_line = errors.replace('\r', '\n').strip().splitlines()[-1]
+        assert last_line.startswith(f'interrupted: stopped by {signal.Signals(signum).name}')
+        assert last_line.endswith(f'--resume {run_dir}') and 'Traceback' not in errors
+    assert epoch_of_checkpoint(run_dir, script) == 1  # the last finished epoch, loaded without unpickling code
+    assert not [name for name in os.listdir(run_dir) if name.endswith('.tmp')]
+
+    main(script, ['--resume', run_dir])
+    assert f'resuming {run_dir} after epoch 1 of 2' in capsys.readouterr().out
+    assert_same_run(run_dir, reference_runs(script), script)
+
+
+def test_resuming_a_sweep_keeps_finished_lambdas_and_continues_the_stopped_one(data_dirs, tmp_path, capsys):
+    flags = MNIST_FLAGS + ['--draw-every', '1000', '--sweep', '0', '0.1']
+    reference, run_dir = str(tmp_path / 'reference'), str(tmp_path / 'run')
+    main('train_l2reg.py', flags_for(reference, data_dirs['mnist'], flags))
+    # killed in the second lambda's first epoch: LAB2_PAUSE_AT's third number counts the loops reaching 1:2
+    process, _ = start_and_pause(command('train_l2reg.py', run_dir, data_dirs['mnist'], flags), '1:2:2', tmp_path)
+    process.kill()
+    process.wait(timeout=60)
+    finished = os.path.getmtime(os.path.join(run_dir, 'wd_0', 'weights.npz'))
+    assert not os.path.exists(os.path.join(run_dir, 'sweep.json'))
+
+    capsys.readouterr()
+    main('train_l2reg.py', ['--resume', run_dir])
+    assert f"{os.path.join(run_dir, 'wd_0')} finished already" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(run_dir, 'wd_0', 'weights.npz')) == finished  # not trained again
+    for name in ('wd_0', 'wd_0.1'):
+        assert_same_run(os.path.join(run_dir, name), os.path.join(reference, name), 'train_l2reg.py')
+    rows, expected = (json.load(open(os.path.join(d, 'sweep.json'))) for d in (run_dir, reference))
+    assert [{k: v for k, v in row.items() if k != 'run_dir'} for row in rows] == \
+           [{k: v for k, v in row.items() if k != 'run_dir'} for row in expected]
+
+
+def test_resume_of_a_finished_run_changes_nothing(data_dirs, reference_runs, capsys):
+    run_dir = reference_runs('train.py')
+    before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+    main('train.py', ['--resume', run_dir])
+    assert 'finished already' in capsys.readouterr().out
+    assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before
+
+
+# ----------------------------------------------------------------------------- the pieces, in process
+
+def test_rng_state_round_trips_through_an_npz(tmp_path):
+    rng = np.random.default_rng(7)
+    rng.permutation(10)
+    rng.integers(0, 2 ** 31, dtype=np.uint32)  # leaves a buffered 32-bit draw in the state
+    checkpoint.save_npz(str(tmp_path / 'rng.npz'), {'rng': checkpoint.pcg64_state(rng)})
+    restored = np.random.default_rng(0)
+    checkpoint.set_pcg64_state(restored, checkpoint.load_npz(str(tmp_path / 'rng.npz'))['rng'])
+    assert restored.bit_generator.state == rng.bit_generator.state
+    assert np.array_equal(restored.permutation(1000), rng.permutation(1000))
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / 'checkpoint.npz')
+    checkpoint.save_npz(path, {'w': np.ones(3)})
+
+    def write_half_then_fail(f, **arrays):
+        f.write(b'PK\x03\x04 half a zip')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(np, 'savez', write_half_then_fail)
+    with pytest.raises(OSError, match='No space'):
+        checkpoint.save_npz(path, {'w': np.zeros(3)})
+    assert os.listdir(tmp_path) == ['checkpoint.npz']
+    assert np.array_equal(checkpoint.load_npz(path)['w'], np.ones(3))
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_checkpoints_that_would_run_code_are_refused(tmp_path):
+    marker = tmp_path / 'pwned'
+    torch.save({'model': {}, 'epoch': _Evil(marker)}, tmp_path / 'checkpoint.pt')
+    with pytest.raises(cli.UserError, match='checkpoint.pt: not a readable checkpoint'):
+        checkpoint.load_torch(str(tmp_path / 'checkpoint.pt'))
+    np.savez(tmp_path / 'checkpoint.npz', evil=np.array([_Evil(marker)], dtype=object))
+    with pytest.raises(cli.UserError, match='checkpoint.npz: not a readable checkpoint'):
+        checkpoint.load_npz(str(tmp_path / 'checkpoint.npz'))
+    assert not marker.exists()
