@@ -206,7 +206,7 @@ def shift(x, dy, dx):
     return F.pad(x, (pad,) * 4, mode='reflect')[:, :, pad - dy:pad - dy + h, pad - dx:pad - dx + w]
 
 
-class TestTimeAugmented(nn.Module):
+class TTAModel(nn.Module):
     """Wraps a model for evaluation: logits averaged over the image and its mirror image (level 1),
     plus the image shifted by one pixel up-left and the mirror image shifted down-right (level 2)."""
 
@@ -382,7 +382,7 @@ def train(args, dataset, seed, device, ranks):
     ema = copy.deepcopy(model).eval() if args.ema > 0 else model
     augment_generator = torch.Generator(device=device).manual_seed(seed * 1000 + ranks.rank)  # differs per process
     order_generator = torch.Generator().manual_seed(seed)  # the same permutation on every process
-    evaluated = TestTimeAugmented(ema, args.tta, autocast)
+    evaluated = TTAModel(ema, args.tta, autocast)
     history = {key: [] for key in ('step', 'epoch', 'seconds', 'lr', 'train_loss', 'test_loss', 'test_acc',
                                    'valid_acc')}
     losses, clock = [], Clock(device)
