@@ -12,6 +12,7 @@ interrupted epoch with the same batches and ends with the same weights as an uni
 import json
 import os
 import time
+import zipfile
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def load_npz(path):
     try:
         with np.load(path, allow_pickle=False) as saved:
             return {key: saved[key] for key in saved.files}
-    except (OSError, ValueError, EOFError) as error:  # zipfile.BadZipFile is an OSError
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise _unreadable(path, error)
 
 
@@ -72,7 +73,8 @@ def pcg64_state(rng):
 def set_pcg64_state(rng, array):
     """Inverse of pcg64_state."""
     hi, lo, inc_hi, inc_lo, has_uint32, uinteger = (int(x) for x in array)
-    rng.bit_generator.state = {'bit_generator': 'PCG64', 'state': {'state': hi << 64 | lo, 'inc': inc_hi << 64 | inc_lo},
+    rng.bit_generator.state = {'bit_generator': 'PCG64',
+                               'state': {'state': hi << 64 | lo, 'inc': inc_hi << 64 | inc_lo},
                                'has_uint32': has_uint32, 'uinteger': uinteger}
 
 

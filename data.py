@@ -19,6 +19,7 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def read_idx(path, ndim):
     try:
         with opener(path, 'rb') as f:
             raw = f.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:  # a broken gzip stream raises any of them
         raise DataError(f"{path}: cannot read ({error})")
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:

@@ -253,7 +253,8 @@ def train(args, dataset, run_dir, loss, device, resume=False):
         history['valid_macro_precision'].append(valid_scores['macro_precision'])
         history['valid_macro_recall'].append(valid_scores['macro_recall'])
         if valid_scores['accuracy'] > best_acc:
-            best_acc, best_valid, results['best_epoch'] = valid_scores['accuracy'], summary(valid_scores, class_names), epoch
+            best_acc, results['best_epoch'] = valid_scores['accuracy'], epoch
+            best_valid = summary(valid_scores, class_names)
             checkpoint.save_torch(best_path, {name: value.cpu() for name, value in model.state_dict().items()})
         plots.save_filter_grid(os.path.join(run_dir, f'conv1_epoch_{epoch:02d}.png'),
                                model.conv1.weight.detach().cpu().numpy())

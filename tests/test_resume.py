@@ -29,7 +29,9 @@ SCRIPTS = {  # script -> (data set, flags): 4 steps per epoch, 2 epochs
     'train_cifar.py': ('cifar', ['--valid-size', '40', '--limit', '40', '--batch-size', '10', '--epochs', '2',
                                  '--device', 'cpu']),
 }
-TIMING = {'seconds', 'images_per_second', 'seconds_per_epoch', 'train_seconds', 'epoch_seconds'}
+# what differs between two runs of the same training: timings, and where the run lives
+NOT_COMPARED = {'seconds', 'images_per_second', 'seconds_per_epoch', 'train_seconds', 'epoch_seconds',
+                'run_name', 'save_dir', 'resume', 'run_dir'}
 
 
 @pytest.fixture(scope='module')
@@ -78,10 +80,10 @@ def final_weights(run_dir, script):
 
 
 def metrics(run_dir):
-    """results.json without the timings and without the run's own name and folder."""
+    """results.json without what NOT_COMPARED names."""
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in TIMING | {'run_name', 'save_dir', 'resume', 'run_dir'}}
+            return {k: strip(v) for k, v in value.items() if k not in NOT_COMPARED}
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value

@@ -1,4 +1,5 @@
-"""train_cifar.py end to end: every file it writes, the command-line errors, and learning on the real stand-in."""
+"""train_cifar.py end to end: every file it writes, and learning on the real stand-in.
+Bad flags and data: test_bad_input.py; interrupting and resuming: test_resume.py."""
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import data
 import metrics
 from conftest import ROOT
 from hinge_loss import multiclass_hinge_loss
-from train_cifar import ConvNet, batch_loader, make_parser, worst_mistakes
+from train_cifar import ConvNet, batch_loader, worst_mistakes
 
 SCRIPT = os.path.join(ROOT, 'train_cifar.py')
 
@@ -85,22 +86,6 @@ def test_quick_run_writes_every_file(synthetic_cifar, tmp_path):
     assert not np.array_equal(filters, skimage.io.imread(run_dir / 'conv1_epoch_01.png'))  # training moved them
     for figure in ('training_progress.png', 'confusion_matrix.png', 'misclassified.png'):
         assert skimage.io.imread(run_dir / figure).shape[0] > 300
-
-
-@pytest.mark.parametrize('flags, message', [
-    (['--epochs', '0'], 'argument --epochs: must be a positive integer'),
-    (['--lr', 'fast'], "argument --lr: 'fast' is not a number"),
-    (['--weight-decay', '-1'], 'argument --weight-decay: must be a number >= 0'),
-    (['--padding', '3'], 'argument --padding: invalid choice'),
-    (['--device', 'tpu'], 'argument --device: invalid choice'),
-    (['--loss', 'mse'], 'argument --loss: invalid choice'),
-])
-def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        make_parser().parse_args(flags)
-    stderr = capsys.readouterr().err
-    assert exit_.value.code == 2
-    assert message in stderr and stderr.count('\n') == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without a GPU')

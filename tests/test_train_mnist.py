@@ -1,5 +1,5 @@
-"""train.py and train_l2reg.py: the lr policy, seeding, the NaN guard, results.json, bad input on the
-command line, and (integration) a short run on the real MNIST."""
+"""train.py and train_l2reg.py: the lr policy, seeding, the NaN guard, results.json, and (integration) a short
+run on the real MNIST. Bad input on the command line: test_bad_input.py."""
 import json
 import os
 import subprocess
@@ -124,25 +124,6 @@ def test_huge_lr_stops_training_and_keeps_the_last_good_weights(small_mnist, tmp
 def run_script(*args, script='train.py'):
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
-
-
-@pytest.mark.parametrize('script, flags, message', [
-    ('train.py', ['--epochs', '0'], 'positive integer'),
-    ('train.py', ['--lr-policy', '1:-0.1'], 'learning rates positive'),
-    ('train.py', ['--batch-size', '0'], 'positive integer'),
-    ('train.py', ['--batch-size', '2.5'], 'not an integer'),
-    ('train.py', ['--batch-size', '300', '--limit', '200'], 'larger than the 200 training images'),
-    ('train.py', ['--batch-size', '60000'], 'larger than the 55000 training images'),
-    ('train.py', ['--dtype', 'float16'], 'invalid choice'),
-    ('train_l2reg.py', ['--weight-decay', '-1'], 'must be a number >= 0'),
-    ('train_l2reg.py', ['--sweep', '0.01', '1e-2'], 'lists a lambda twice'),
-])
-def test_bad_input_is_one_line_before_any_work(tmp_path, script, flags, message):
-    result = run_script('--save-dir', str(tmp_path), '--data-dir', str(tmp_path / 'nothing'), *flags, script=script)
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
-    assert 'Traceback' not in result.stderr and result.stdout == ''
-    assert os.listdir(tmp_path) == []  # no run folder, no download attempt
 
 
 def test_summary_only(tmp_path):
