@@ -12,6 +12,9 @@ Shapes are NCHW: (N, C, H, W) for images, (N, D) for vectors. The batch size N
 of the example input is only an example; any N works at run time. Parameters
 take the dtype of the layer below (float32 or float64), and forward() refuses
 inputs of another dtype or shape with a ValueError naming the layer.
+
+Convolution, MaxPooling and FC split their work between threads, one fixed
+part each (set_num_threads; the machinery is at the end of this file).
 """
 import ctypes
 import glob
@@ -47,95 +50,6 @@ def _dtype_of(input_layer):
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"layers work in float32 or float64, got {dtype}")
     return dtype
-
-
-# ----------------------------------------------------------------------------- threads
-# Data parallelism: the heavy layers split their work (the batch, or a weight matrix's rows) into
-# one fixed part per thread and run the parts at once in Python threads; NumPy's GEMMs and the
-# Cython kernels release the GIL. While they do, OpenBLAS runs single-threaded in each thread:
-# its own threads scale badly on these small GEMMs (M = 16 or 32 filters), the im2col/pooling
-# kernels around them would run on one core, and two callers of a multi-threaded OpenBLAS queue
-# for its one thread pool. Two threads make a training step of the lab net ~1.8x faster than one.
-# The parts are fixed by the thread count, so results do not change from run to run; only sums
-# over the batch (weight gradients) are added in another order for another thread count.
-
-def _find_openblas():
-    """(set_num_threads, get_num_threads) of NumPy's bundled OpenBLAS, or None (another BLAS, e.g. Accelerate)."""
-    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, 'numpy.libs')
-    for path in glob.glob(os.path.join(libs, '*openblas*')):
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (('scipy_openblas', '64_'), ('openblas', '64_'), ('openblas', '')):
-            setter = getattr(library, f'{prefix}_set_num_threads{suffix}', None)
-            getter = getattr(library, f'{prefix}_get_num_threads{suffix}', None)
-            if setter is not None and getter is not None:
-                setter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int
-                return setter, getter
-    return None
-
-
-_openblas = _find_openblas()
-num_threads = 1
-_workers = None
-
-
-def set_num_threads(threads):
-    """Threads the layers use (default: the CPUs this process may run on, at most 8)."""
-    global num_threads, _workers
-    if threads < 1:
-        raise ValueError(f"need at least one thread, got {threads}")
-    if _workers is not None:
-        _workers.shutdown()
-    num_threads = int(threads)
-    _workers = ThreadPoolExecutor(num_threads - 1, thread_name_prefix='layers') if num_threads > 1 else None
-
-
-def set_blas_threads(threads):
-    """Sets OpenBLAS's own thread count; False where NumPy's BLAS is not a bundled OpenBLAS."""
-    if _openblas is None:
-        return False
-    _openblas[0](threads)
-    return True
-
-
-set_num_threads(min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))
-
-# Below this many multiply-adds a part is too small to be worth a thread's wake-up (~50 us).
-MIN_WORK_PER_THREAD = 1 << 20
-
-
-def _parts(size, work):
-    """Fixed contiguous slices of range(size), one per thread, none of them with less than MIN_WORK_PER_THREAD."""
-    count = int(max(1, min(num_threads, size, work // MIN_WORK_PER_THREAD)))
-    bounds = [size * i // count for i in range(count + 1)]
-    return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
-
-
-def _in_parallel(function, parts):
-    """[function(part) for part in parts], the parts in threads at once (the first in this thread).
-
-    With more than one layer thread, OpenBLAS runs single-threaded in here even for one part:
-    then its worker threads never wake up, and never spin on a core the layers' threads need.
-    """
-    if num_threads == 1 or _openblas is None:
-        return _run(function, parts)
-    blas_threads = _openblas[1]()
-    _openblas[0](1)
-    try:
-        return _run(function, parts)
-    finally:
-        _openblas[0](blas_threads)
-
-
-def _run(function, parts):
-    futures = [_workers.submit(function, part) for part in parts[1:]]
-    try:
-        first = function(parts[0])
-    finally:   # never leave a thread writing into arrays after an error here
-        others = [future.result() for future in futures]
-    return [first] + others
 
 
 class Layer:
@@ -194,11 +108,11 @@ class Convolution(Layer):
         self.bias = np.asarray(bias_initializer_fn([num_filters]), dtype=self.dtype)
 
     # Each thread takes its part of the batch through a few images at a time: their im2col columns
-    # (~1 MB) are still in the core's cache when the GEMM reads them, whereas all 50 images'
+    # (~2 MB) are still in the core's cache when the GEMM reads them, whereas all 50 images'
     # columns of the lab net's conv2 (16 MB in float32) go out to RAM and back.
     # chunk_bytes = float('inf') and one thread give the textbook version: one im2col, one GEMM;
     # tests check that every split gives the same result.
-    chunk_bytes = 1 << 20
+    chunk_bytes = 2 << 20
 
     def _chunks(self, images):
         """Slices of the images slice, each with about chunk_bytes of im2col columns."""
@@ -485,3 +399,92 @@ class RegularizedLoss:
 
     def backward_params(self):
         return [regularizer.backward_params() for regularizer in self.regularizer_losses]
+
+
+# ----------------------------------------------------------------------------- threads
+# Data parallelism: the heavy layers split their work (the batch, or a weight matrix's rows) into
+# one fixed part per thread and run the parts at once in Python threads; NumPy's GEMMs and the
+# Cython kernels release the GIL. While they do, OpenBLAS runs single-threaded in each thread:
+# its own threads scale badly on these small GEMMs (M = 16 or 32 filters), the im2col/pooling
+# kernels around them would run on one core, and two callers of a multi-threaded OpenBLAS queue
+# for its one thread pool. Two threads make a training step of the lab net ~1.8x faster than one.
+# The parts are fixed by the thread count, so results do not change from run to run; only sums
+# over the batch (weight gradients) are added in another order for another thread count.
+
+def _find_openblas():
+    """(set_num_threads, get_num_threads) of NumPy's bundled OpenBLAS, or None (another BLAS, e.g. Accelerate)."""
+    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, 'numpy.libs')
+    for path in glob.glob(os.path.join(libs, '*openblas*')):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (('scipy_openblas', '64_'), ('openblas', '64_'), ('openblas', '')):
+            setter = getattr(library, f'{prefix}_set_num_threads{suffix}', None)
+            getter = getattr(library, f'{prefix}_get_num_threads{suffix}', None)
+            if setter is not None and getter is not None:
+                setter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int
+                return setter, getter
+    return None
+
+
+_openblas = _find_openblas()
+num_threads = 1
+_workers = None
+
+
+def set_num_threads(threads):
+    """Threads the layers use (default: the CPUs this process may run on, at most 8)."""
+    global num_threads, _workers
+    if threads < 1:
+        raise ValueError(f"need at least one thread, got {threads}")
+    if _workers is not None:
+        _workers.shutdown()
+    num_threads = int(threads)
+    _workers = ThreadPoolExecutor(num_threads - 1, thread_name_prefix='layers') if num_threads > 1 else None
+
+
+def set_blas_threads(threads):
+    """Sets OpenBLAS's own thread count; False where NumPy's BLAS is not a bundled OpenBLAS."""
+    if _openblas is None:
+        return False
+    _openblas[0](threads)
+    return True
+
+
+set_num_threads(min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))
+
+# Below this many multiply-adds a part is too small to be worth a thread's wake-up (~50 us).
+MIN_WORK_PER_THREAD = 1 << 20
+
+
+def _parts(size, work):
+    """Fixed contiguous slices of range(size), one per thread, none of them with less than MIN_WORK_PER_THREAD."""
+    count = int(max(1, min(num_threads, size, work // MIN_WORK_PER_THREAD)))
+    bounds = [size * i // count for i in range(count + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
+
+
+def _in_parallel(function, parts):
+    """[function(part) for part in parts], the parts in threads at once (the first in this thread).
+
+    With more than one layer thread, OpenBLAS runs single-threaded in here even for one part:
+    then its worker threads never wake up, and never spin on a core the layers' threads need.
+    """
+    if num_threads == 1 or _openblas is None:
+        return _run(function, parts)
+    blas_threads = _openblas[1]()
+    _openblas[0](1)
+    try:
+        return _run(function, parts)
+    finally:
+        _openblas[0](blas_threads)
+
+
+def _run(function, parts):
+    futures = [_workers.submit(function, part) for part in parts[1:]]
+    try:
+        first = function(parts[0])
+    finally:   # never leave a thread writing into arrays after an error here
+        others = [future.result() for future in futures]
+    return [first] + others

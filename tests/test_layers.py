@@ -362,3 +362,76 @@ def test_bench_layers_runs():
     assert result.returncode == 0, result.stderr
     for name in ('numpy float32', 'numpy float64', 'torch float32', 'numpy float32 / torch float32'):
         assert name in result.stdout
+
+
+# ----------------------------------------------------------------------------- threads
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Sets the layers' thread count for one test (every part split off, however small) and restores it."""
+    monkeypatch.setattr(layers, 'MIN_WORK_PER_THREAD', 1)
+    before = layers.num_threads
+    yield layers.set_num_threads
+    layers.set_num_threads(before)
+
+
+def lab_net_step(x, y, dtype):
+    """Logits and gradients of one step of the lab net with the same initial weights every call."""
+    np.random.seed(0)
+    net, loss = nn.lab_mnist_net(batch_size=len(x), dtype=dtype)
+    logits = nn.forward_pass(net, x)
+    grads = nn.backward_pass(net, loss, logits, y)
+    return [logits] + [g for (_, weights), (_, bias), _ in grads for g in (weights, bias)]
+
+
+@pytest.mark.parametrize('dtype, rtol', [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_every_thread_count_gives_the_same_results_every_time(threads, dtype, rtol):
+    rng = np.random.default_rng(12)
+    x, y = rng.standard_normal((7, 1, 28, 28)).astype(dtype), rng.integers(0, 10, 7)
+    threads(1)
+    reference = lab_net_step(x, y, dtype)
+    for count in (2, 3, 7, 8):   # 8 > batch: some threads get no images
+        threads(count)
+        first, again = lab_net_step(x, y, dtype), lab_net_step(x, y, dtype)
+        for ours, expected, repeated in zip(first, reference, again):
+            assert ours.dtype == dtype
+            np.testing.assert_array_equal(ours, repeated)   # a fixed split: deterministic
+            assert_close(ours, expected, rtol)   # only the batch sums' order differs
+
+
+@pytest.mark.parametrize('case', CONV_CASES)
+def test_convolution_float64_matches_torch_on_three_threads(case, threads):
+    threads(3)
+    for ours, theirs in conv_against_torch(case, np.float64, np.random.default_rng(0), chunk_bytes=1):
+        assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize('size, count', [(1, 1), (5, 2), (50, 2), (50, 3), (2, 8), (0, 2)])
+def test_parts_cover_the_range_once_in_order(threads, size, count):
+    threads(count)
+    parts = layers._parts(size, work=size)
+    assert len(parts) == max(1, min(count, size))
+    assert [i for part in parts for i in range(size)[part]] == list(range(size))
+
+
+def test_an_error_in_a_thread_reaches_the_caller_after_all_threads_finished(threads):
+    threads(2)
+    finished = []
+
+    def work(part):
+        if part.start > 0:
+            raise RuntimeError('boom')
+        finished.append(part)
+    with pytest.raises(RuntimeError, match='boom'):
+        layers._in_parallel(work, layers._parts(4, work=4))
+    assert finished == [slice(0, 2)]
+
+
+@pytest.mark.skipif(layers._openblas is None, reason="NumPy's BLAS is not a bundled OpenBLAS")
+def test_openblas_threads_are_restored_after_a_layer(threads):
+    threads(2)
+    layers.set_blas_threads(3)
+    seen = layers._in_parallel(lambda part: layers._openblas[1](), layers._parts(2, work=2))
+    assert seen == [1, 1]   # single-threaded inside
+    assert layers._openblas[1]() == 3
+    layers.set_blas_threads(1)
