@@ -241,6 +241,10 @@ class Distributed:
         self.rank = int(os.environ.get('RANK', 0))
         self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
         self.local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        self.device = device
+        if device.type == 'cuda':  # one GPU per process, chosen before NCCL starts
+            self.device = torch.device('cuda', self.local_rank)
+            torch.cuda.set_device(self.device)
         if self.world > 1:
             dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
 
@@ -509,12 +513,10 @@ def main():
     if args.precision == 'fp16' and device.type != 'cuda':
         raise cli.UserError("--precision fp16 needs --device cuda; on the CPU use bf16 or fp32")
     ranks = Distributed(device)
+    device = ranks.device
     if args.batch_size % ranks.world:
         raise cli.UserError(f"--batch-size {args.batch_size} is not divisible by the {ranks.world} processes")
-    if device.type == 'cuda':
-        device = torch.device('cuda', ranks.local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
     torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // ranks.local_world))
     run_dir = cli.make_run_dir(args.save_dir, args.run_name, 'train_cifar_fast', args.overwrite) if ranks.main else None
     load_at_start = os.getloadavg()
