@@ -13,13 +13,13 @@ block of every row: the batch can be split between threads with no two threads
 touching the same cache line, and col2im needs no atomics.
 Padding is handled by index arithmetic; no padded copy of x is made.
 
-THREADS: every kernel takes num_threads, default 1. The GEMMs around these
-kernels run on OpenBLAS's own thread pool, and OpenMP's worker threads keep
-spinning for a while after each parallel loop: with both pools on a 2-core
-laptop they steal each other's cores and a training step of the lab net took
-~10x longer (measured on a loaded 2-core machine). Two threads here did not help
-even with OpenBLAS's workers told to sleep at once, so the cores go to OpenBLAS.
-num_threads=0 means "as OpenMP chooses".
+THREADS: every kernel takes num_threads (OpenMP), default 1, and releases the
+GIL. layers.py does not use OpenMP: it runs these kernels and the GEMMs next
+to them on its own Python threads, one fixed part of the batch each, with
+OpenBLAS single-threaded (see the end of layers.py). OpenMP's worker threads
+keep spinning for a while after each parallel loop, and next to OpenBLAS's
+pool they stole each other's cores: a training step of the lab net took ~10x
+longer on a loaded 2-core machine. num_threads=0 means "as OpenMP chooses".
 
 The max-pooling kernels keep, per window, the index y * W + x of its maximum
 within the (H, W) plane; backward adds each window's gradient there.
