@@ -223,3 +223,22 @@ def test_checkpoints_that_would_run_code_are_refused(tmp_path):
     with pytest.raises(cli.UserError, match='checkpoint.npz: not a readable checkpoint'):
         checkpoint.load_npz(str(tmp_path / 'checkpoint.npz'))
     assert not marker.exists()
+
+
+def test_resuming_hinge_compare_keeps_the_finished_loss_and_continues_cross_entropy(data_dirs, reference_runs,
+                                                                                    tmp_path, capsys):
+    run_dir = str(tmp_path / 'compare')
+    flags = SCRIPTS['train_cifar.py'][1] + ['--compare']
+    # killed in cross-entropy's second epoch: the second training loop of the process to reach 2:3
+    process, _ = start_and_pause(command('hinge_loss.py', run_dir, data_dirs['cifar'], flags), '2:3:2', tmp_path)
+    process.kill()
+    process.wait(timeout=60)
+    assert not os.path.exists(os.path.join(run_dir, 'compare.json'))
+    main('hinge_loss.py', ['--resume', run_dir])
+    out = capsys.readouterr().out
+    assert f"{os.path.join(run_dir, 'hinge')} finished already" in out and 'resuming' in out
+    assert {'compare.md', 'compare.json', 'compare.png'} <= set(os.listdir(run_dir))
+    # cross-entropy here is train_cifar.py's run with the same flags: the same weights, bit for bit
+    expected = final_weights(reference_runs('train_cifar.py'), 'train_cifar.py')
+    got = final_weights(os.path.join(run_dir, 'ce'), 'train_cifar.py')
+    assert all(np.array_equal(got[key], expected[key]) for key in expected)
