@@ -107,74 +107,78 @@ class Convolution(Layer):
         self.weights = np.asarray(weights_initializer_fn([num_filters, fan_in], fan_in), dtype=self.dtype)
         self.bias = np.asarray(bias_initializer_fn([num_filters]), dtype=self.dtype)
 
-    # Each thread takes its part of the batch through a few images at a time: their im2col columns
-    # (~2 MB) are still in the core's cache when the GEMM reads them, whereas all 50 images'
-    # columns of the lab net's conv2 (16 MB in float32) go out to RAM and back.
-    # chunk_bytes = float('inf') and one thread give the textbook version: one im2col, one GEMM;
-    # tests check that every split gives the same result.
-    chunk_bytes = 2 << 20
+    # x_cols, the im2col columns kept for backward, is stored in blocks of a few images:
+    # x_cols[b] = im2col(x[b*n:(b+1)*n]), shape (C*k*k, n*H'*W'), with n images per block.
+    # A block (at most chunk_bytes, or one image) is still in the core's L2 cache when the GEMM
+    # reads it after im2col wrote it, and it is contiguous: the columns of a few images inside one
+    # (C*k*k, N*H'*W') matrix are 400 short pieces 39 kB apart in the lab net's conv2, and
+    # im2col + GEMM ran ~1.3x slower on them. Threads take contiguous runs of blocks.
+    # chunk_bytes = float('inf') gives the textbook version, one block: x_cols[0] is the batch's
+    # (C*k*k, N*H'*W') matrix, one im2col and one GEMM. Tests check that every split agrees.
+    chunk_bytes = 256 << 10
 
-    def _chunks(self, images):
-        """Slices of the images slice, each with about chunk_bytes of im2col columns."""
+    def _images_per_block(self, N):
+        """The most images, dividing N, whose columns fit in chunk_bytes (at least 1)."""
         bytes_per_image = self.weights.shape[1] * self.shape[2] * self.shape[3] * self.dtype.itemsize
-        step = int(max(1, min(images.stop - images.start, self.chunk_bytes // bytes_per_image)))
-        return [slice(start, min(start + step, images.stop)) for start in range(images.start, images.stop, step)]
+        most = int(max(1, min(N, self.chunk_bytes // bytes_per_image)))
+        return max(n for n in range(1, most + 1) if N % n == 0)
 
-    def _parts(self, N):
-        """Per-thread slices of the batch."""
-        return _parts(N, N * self.weights.size * self.shape[2] * self.shape[3])
-
-    def _columns(self, images):
-        """The columns of x_cols (C*k*k, N*H'*W') that belong to a slice of images."""
-        pixels = self.shape[2] * self.shape[3]
-        return slice(images.start * pixels, images.stop * pixels)
+    def _blocks(self, N):
+        """Per-thread runs of blocks: a list of lists of (block index, slice of its images)."""
+        n = self._images_per_block(N)
+        runs = _parts(N // n, N * self.weights.size * self.shape[2] * self.shape[3])
+        return [[(b, slice(b * n, (b + 1) * n)) for b in range(run.start, run.stop)] for run in runs]
 
     def forward(self, x):
         self._check_input(x)
         N, (F, out_h, out_w), k = x.shape[0], self.shape[1:], self.kernel_size
-        # Kept for backward. The next forward overwrites it in place: a fresh 16 MB array each step
-        # costs ~1-2 ms of page faults (the kernel zeroes every new page) in the lab net's conv2.
-        shape = (self.weights.shape[1], N * out_h * out_w)
+        n = self._images_per_block(N)
+        # The next forward overwrites x_cols in place: a fresh 16 MB array each step costs
+        # ~1-2 ms of page faults (the kernel zeroes every new page) in the lab net's conv2.
+        shape = (N // n, self.weights.shape[1], n * out_h * out_w)
         if getattr(self, 'x_cols', None) is None or self.x_cols.shape != shape:
             self.x_cols = np.empty(shape, dtype=self.dtype)
         out = np.empty((N, F, out_h, out_w), dtype=self.dtype)
 
-        def forward_images(part):
-            for images in self._chunks(part):
-                cols = self.x_cols[:, self._columns(images)]
+        def forward_blocks(blocks):
+            for b, images in blocks:
+                cols = self.x_cols[b]
                 im2col_into(x[images], cols, k, k, self.pad, self.stride)
                 # One GEMM per image, (F, C*k*k) @ (C*k*k, H'*W'), straight into the NCHW output:
                 # no transposed copy, and as fast as one GEMM for all n images.
-                out_images = out[images].reshape(-1, F, out_h * out_w)
-                np.matmul(self.weights, cols.reshape(cols.shape[0], -1, out_h * out_w).transpose(1, 0, 2),
-                          out=out_images)
+                out_images = out[images].reshape(n, F, out_h * out_w)
+                np.matmul(self.weights, cols.reshape(-1, n, out_h * out_w).transpose(1, 0, 2), out=out_images)
                 out_images += self.bias[:, None]
-        _in_parallel(forward_images, self._parts(N))
+        _in_parallel(forward_blocks, self._blocks(N))
         return out
 
     def _grad_rows(self, grad_out):
-        """(n, F, H', W') -> (F, n*H'*W'), the layout of weights @ x_cols."""
+        """(n, F, H', W') -> (F, n*H'*W'), the layout of weights @ x_cols[b]."""
         return grad_out.transpose(1, 0, 2, 3).reshape(self.num_filters, -1)
 
     def backward_inputs(self, grad_out):
         k = self.kernel_size
         grad_x = np.empty((grad_out.shape[0],) + self.input_shape[1:], dtype=self.dtype)
 
-        def backward_images(part):
-            for images in self._chunks(part):
+        def backward_blocks(blocks):
+            for _, images in blocks:
                 grad_cols = self.weights.T @ self._grad_rows(grad_out[images])  # (C*k*k, n*H'*W')
                 col2im_into(grad_cols, grad_x[images], k, k, self.pad, self.stride)
-        _in_parallel(backward_images, self._parts(grad_out.shape[0]))
+        _in_parallel(backward_blocks, self._blocks(grad_out.shape[0]))
         return grad_x
 
     def backward_params(self, grad_out):
-        def sums(images):   # this part of the batch's share of the gradients
-            grad_rows = self._grad_rows(grad_out[images])
-            # x_cols @ grad_rows.T is grad_rows @ x_cols.T transposed; BLAS runs this orientation
-            # faster because both operands are read along their contiguous rows.
-            return self.x_cols[:, self._columns(images)] @ grad_rows.T, grad_rows.sum(axis=1)
-        parts = _in_parallel(sums, self._parts(grad_out.shape[0]))
-        grad_weights, grad_bias = (sum(terms[1:], terms[0]) for terms in zip(*parts))
+        def block_sums(blocks):   # each block's share of the gradients
+            sums = []
+            for b, images in blocks:
+                grad_rows = self._grad_rows(grad_out[images])
+                # x_cols[b] @ grad_rows.T is grad_rows @ x_cols[b].T transposed; BLAS runs this
+                # orientation faster because both operands are read along their contiguous rows.
+                sums.append((self.x_cols[b] @ grad_rows.T, grad_rows.sum(axis=1)))
+            return sums
+        # Added up block by block in block order, so the result does not depend on the thread count.
+        sums = [block for run in _in_parallel(block_sums, self._blocks(grad_out.shape[0])) for block in run]
+        grad_weights, grad_bias = (sum(terms[1:], terms[0]) for terms in zip(*sums))
         return [[self.weights, np.ascontiguousarray(grad_weights.T)], [self.bias, grad_bias], self.name]
 
 
