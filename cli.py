@@ -53,17 +53,19 @@ def non_negative_float(text):
     return value
 
 
-def add_common_args(parser, seed=42):
-    """--data-dir, --save-dir, --run-name, --overwrite and --seed, the same in every script."""
+def add_common_args(parser, seed=42, resume=False):
+    """--data-dir, --save-dir, --run-name, --overwrite and --seed, the same in every script; --resume too for
+    scripts that write checkpoints and read their flags with parse_args."""
     parser.add_argument('--data-dir', default=os.environ.get('DATA_DIR', 'data'),
                         help='folder holding the data sets (default: $DATA_DIR, else ./data)')
     parser.add_argument('--save-dir', default='runs', help='each run writes into <save-dir>/<run-name>/ (default: runs)')
     parser.add_argument('--run-name', default=None, help='name of this run\'s folder (default: <script>-<date>-<time>)')
     parser.add_argument('--overwrite', action='store_true', help='reuse an existing run folder of the same name')
     parser.add_argument('--seed', type=int, default=seed, help=f'random seed (default: {seed})')
-    parser.add_argument('--resume', metavar='RUN_DIR', default=None,
-                        help='continue a stopped run from its last checkpoint, with the flags it was started with '
-                             '(saved in RUN_DIR/config.json)')
+    if resume:
+        parser.add_argument('--resume', metavar='RUN_DIR', default=None,
+                            help='continue a stopped run from its last checkpoint, with the flags it was started '
+                                 'with (saved in RUN_DIR/config.json)')
 
 
 CONFIG = 'config.json'  # in every run folder: the script and its command line, what --resume reads
@@ -159,12 +161,12 @@ def seed_everything(seed):
         sys.modules['torch'].manual_seed(seed)
 
 
-def atomic_write(path, write, mode='wb'):
+def atomic_write(path, write, mode='wb', **open_args):
     """Calls write(file) on `path`.tmp, flushes it to the disk and renames it to `path`: a crash, a kill
     or a full disk leaves the old file or the new one under that name, never half of one."""
     tmp_path = path + '.tmp'
     try:
-        with open(tmp_path, mode) as f:
+        with open(tmp_path, mode, **open_args) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -26,7 +26,7 @@ SCRIPT = 'train'
 def make_parser(description=__doc__, weight_decay=None):
     """train.py's flags; train_l2reg.py adds --weight-decay and --sweep through `weight_decay`."""
     parser = cli.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(parser)
+    cli.add_common_args(parser, resume=True)
     cli.add_mnist_training_args(parser, weight_decay=weight_decay)
     parser.add_argument('--draw-every', type=cli.positive_int, default=100,
                         help='draw the conv1 filters every N steps, and after every epoch (default: 100)')

@@ -54,7 +54,7 @@ DEFAULT_LR = {'ce': 0.1, 'hinge': 0.01}
 
 def add_training_args(parser):
     """Everything but the loss: shared with hinge_loss.py, so both train exactly the same way."""
-    cli.add_common_args(parser)
+    cli.add_common_args(parser, resume=True)
     parser.add_argument('--epochs', type=cli.positive_int, default=8, help='number of epochs (default: 8)')
     parser.add_argument('--batch-size', type=cli.positive_int, default=50, help='mini-batch size (default: 50)')
     parser.add_argument('--lr', type=cli.positive_float, default=None,

@@ -52,7 +52,7 @@ EVAL_BATCH_SIZE = 1000     # evaluation needs no gradients, so bigger batches on
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0])
-    cli.add_common_args(parser)
+    cli.add_common_args(parser, resume=True)
     cli.add_mnist_training_args(parser, weight_decay=1e-3)
     parser.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default='cpu',
                         help='where to train; auto = cuda if available, else cpu (default: cpu)')
@@ -233,7 +233,7 @@ def write_log(path, rows):
         log = csv.DictWriter(f, fieldnames=list(rows[0]))
         log.writeheader()
         log.writerows(rows)
-    cli.atomic_write(path, write, mode='w')
+    cli.atomic_write(path, write, mode='w', newline='')  # csv writes its own line ends
 
 
 def train(args, tensors, run_dir, device, resume=False):
@@ -269,7 +269,6 @@ def train(args, tensors, run_dir, device, resume=False):
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow to import
         writer = SummaryWriter(os.path.join(run_dir, 'tensorboard'))
-
 
     def save_checkpoint(epoch):
         checkpoint.save_torch(checkpoint_path, {
