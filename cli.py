@@ -234,7 +234,8 @@ def run(main):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as interrupt:
-        print(f"interrupted: {interrupt}", file=sys.stderr)
+        newline = '\n' if sys.stderr.isatty() else ''  # below the progress bar, and the ^C the terminal echoed
+        print(f"{newline}interrupted: {interrupt}", file=sys.stderr)
         sys.exit(128 + interrupt.signum)
     except KeyboardInterrupt as interrupt:  # before the run folder exists: nothing to resume
         print("interrupted", file=sys.stderr)
