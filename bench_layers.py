@@ -7,12 +7,12 @@ slows all of them alike; the medians and ratios are what to compare. A pause
 before each step lets the previous contender's idle threads go to sleep:
 PyTorch's OpenMP workers spin on their cores for a while after every
 operation, and took ~10 ms of CPU from a NumPy step that started right after
-a PyTorch one. --threads
-sets the layers' threads (layers.set_num_threads: each heavy layer splits its
-work between them, with OpenBLAS single-threaded inside) and PyTorch's. A load
-average above the number of cores means other programs compete for the CPU,
-and multi-threaded timings suffer most. --profile adds the time of every
-layer's forward and backward in the NumPy float32 net.
+a PyTorch one. --threads sets the layers' threads (layers.set_num_threads:
+each heavy layer splits its work between them, with OpenBLAS single-threaded
+inside) and PyTorch's. A load average above the number of cores means other
+programs compete for the CPU, and multi-threaded timings suffer most (PyTorch's
+the most: its threads wait for each other at every operation). --profile adds
+the time of every layer's forward and backward in the NumPy float32 net.
 
     python bench_layers.py                 # 30 rounds, all cores
     python bench_layers.py --threads 1     # one core for the layers and for PyTorch
