@@ -418,14 +418,18 @@ class RegularizedLoss:
 # Cython kernels release the GIL. While they do, OpenBLAS runs single-threaded in each thread:
 # its own threads scale badly on these small GEMMs (M = 16 or 32 filters), the im2col/pooling
 # kernels around them would run on one core, and two callers of a multi-threaded OpenBLAS queue
-# for its one thread pool. Two threads make a training step of the lab net ~1.8x faster than one.
-# The parts are fixed by the thread count, so results do not change from run to run; only sums
-# over the batch (weight gradients) are added in another order for another thread count.
+# for its one thread pool. On an idle 2-core machine two threads ran conv2 of the lab net 1.9x
+# faster than one (a busy neighbour takes that back: a region waits for its slowest part).
+# The parts are fixed, so results do not change from run to run, and the convolution adds its
+# weight gradients block by block in block order, whatever the thread count.
 
 def _find_openblas():
     """(set_num_threads, get_num_threads) of NumPy's bundled OpenBLAS, or None (another BLAS, e.g. Accelerate)."""
-    libs = os.path.join(os.path.dirname(np.__file__), os.pardir, 'numpy.libs')
-    for path in glob.glob(os.path.join(libs, '*openblas*')):
+    numpy_dir = os.path.dirname(np.__file__)
+    # where NumPy's wheels keep it: numpy.libs (Linux, Windows), numpy/.dylibs (macOS)
+    paths = glob.glob(os.path.join(numpy_dir, os.pardir, 'numpy.libs', '*openblas*'))
+    paths += glob.glob(os.path.join(numpy_dir, '.dylibs', '*openblas*'))
+    for path in paths:
         try:
             library = ctypes.CDLL(path)
         except OSError:
@@ -465,7 +469,7 @@ def set_blas_threads(threads):
 
 set_num_threads(min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))
 
-# Below this many multiply-adds a part is too small to be worth a thread's wake-up (~50 us).
+# Below this many multiply-adds a part is too small to be worth a thread's wake-up (~20 us).
 MIN_WORK_PER_THREAD = 1 << 20
 
 
