@@ -3,11 +3,12 @@
 A step is forward + loss + backward + SGD update on one batch of random images
 (speed does not depend on the pixel values). The three contenders run in one
 process, interleaved round by round, so a neighbour that loads the machine
-slows all of them alike; the medians and ratios are what to compare. A pause
-before each step lets the previous contender's idle threads go to sleep:
-PyTorch's OpenMP workers spin on their cores for a while after every
-operation, and took ~10 ms of CPU from a NumPy step that started right after
-a PyTorch one. --threads sets the layers' threads (layers.set_num_threads:
+slows all of them alike; the medians and ratios are what to compare. Each
+timed step follows an untimed step of the same contender, as in a training
+loop: PyTorch's OpenMP workers spin on their cores for ~10 ms after every
+operation, and took that from a NumPy step that started right after a PyTorch
+one; after a pause instead, waking the idle cores made two-thread steps ~1.5x
+slower. --threads sets the layers' threads (layers.set_num_threads:
 each heavy layer splits its work between them, with OpenBLAS single-threaded
 inside) and PyTorch's. A load average above the number of cores means other
 programs compete for the CPU, and multi-threaded timings suffer most (PyTorch's
@@ -37,8 +38,6 @@ def parse_args():
     parser.add_argument('--threads', type=cli.positive_int, default=torch.get_num_threads(),
                         help=f'threads of the layers and of PyTorch (default: {torch.get_num_threads()}, '
                              'PyTorch\'s default)')
-    parser.add_argument('--pause', type=cli.non_negative_float, default=0.05,
-                        help='seconds of sleep before each timed step (default: 0.05)')
     parser.add_argument('--profile', action='store_true', help='also time every layer of the NumPy float32 net')
     parser.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     return parser.parse_args()
@@ -109,7 +108,7 @@ def main():
         times_of_layer.clear()
     for _ in range(args.steps):  # round robin: a busy neighbour slows every contender alike
         for name, step in steps.items():
-            time.sleep(args.pause)
+            step()   # untimed: this contender's threads are awake, the previous one's are idle
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
