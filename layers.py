@@ -82,6 +82,8 @@ class Convolution(Layer):
     weights: (num_filters, C*k*k), rows ordered (channel, kernel row, kernel column)
     bias:    (num_filters,)
     forward: (N, C, H, W) -> (N, num_filters, H', W'); 'SAME' keeps H and W, 'VALID' gives H-k+1.
+    x_cols:  what forward keeps for backward, the im2col columns of the batch in blocks of n images,
+             (N/n, C*k*k, n*H'*W'); n = N (chunk_bytes = inf) is the textbook (C*k*k, N*H'*W') matrix.
     """
     has_params = True
 

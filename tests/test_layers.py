@@ -75,6 +75,24 @@ def test_convolution_float32_matches_torch_and_stays_float32(case):
         assert_close(ours, theirs, rtol=1e-5)
 
 
+def test_convolution_keeps_im2col_in_blocks_of_images(threads):
+    """x_cols[b] is the im2col of images b*n .. (b+1)*n - 1, n the most images dividing N within chunk_bytes."""
+    from im2col import im2col_numpy
+    case = (6, 2, 7, 9, 4, 3, 'SAME')
+    bytes_per_image = 2 * 3 * 3 * 7 * 9 * 8
+    for chunk_bytes, n in ((1, 1), (2.5 * bytes_per_image, 2), (4 * bytes_per_image, 3), (float('inf'), 6)):
+        threads(2)
+        for ours, theirs in conv_against_torch(case, np.float64, np.random.default_rng(0), chunk_bytes):
+            assert_close(ours, theirs)
+        x = np.random.default_rng(1).standard_normal(case[:4])
+        conv = layers.Convolution(x, 4, 3, 'conv')
+        conv.chunk_bytes = chunk_bytes
+        conv.forward(x)
+        assert conv.x_cols.shape == (6 // n, 2 * 3 * 3, n * 7 * 9)
+        for b in range(6 // n):
+            np.testing.assert_array_equal(conv.x_cols[b], im2col_numpy(x[b * n:(b + 1) * n], 3, 3, 1, 1))
+
+
 def test_convolution_output_shape():
     x = np.zeros((2, 3, 7, 9))
     assert layers.Convolution(x, 4, 5, 'c', padding='SAME').shape == (2, 4, 7, 9)
