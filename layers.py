@@ -16,6 +16,7 @@ inputs of another dtype or shape with a ValueError naming the layer.
 Convolution, MaxPooling and FC split their work between threads, one fixed
 part each (set_num_threads; the machinery is at the end of this file).
 """
+import contextvars
 import ctypes
 import glob
 import os
@@ -499,7 +500,8 @@ def _in_parallel(function, parts):
 
 
 def _run(function, parts):
-    futures = [_workers.submit(function, part) for part in parts[1:]]
+    # Each part runs in a copy of the caller's context, so np.errstate (a context variable) holds in the workers too.
+    futures = [_workers.submit(contextvars.copy_context().run, function, part) for part in parts[1:]]
     try:
         first = function(parts[0])
     finally:   # never leave a thread writing into arrays after an error here
