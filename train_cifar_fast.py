@@ -314,6 +314,7 @@ def state_sha256(state):
 def train(args, dataset, seed, device, ranks):
     """Trains one model with `seed`; returns its results (on every process; only process 0 evaluates)."""
     cli.seed_everything(seed)
+    load_at_start = os.getloadavg()  # other work on the machine slows training: say how much there was
     train_x, train_y = dataset['train_x'], dataset['train_y']
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[args.precision]
 
@@ -417,7 +418,9 @@ def train(args, dataset, seed, device, ranks):
         clock.start()
         return test if ranks.main else None
 
-    progress = tqdm(total=total_steps, desc=f"seed {seed}", disable=not ranks.main, leave=False)
+    # under a time budget the bar counts training seconds: the number of steps is not known in advance
+    progress = tqdm(total=round(seconds) if args.time_budget else total_steps, unit='s' if args.time_budget else 'it',
+                    desc=f"seed {seed}", disable=not ranks.main, leave=False)
     step_count, lr = 0, args.lr
     clock.start()
     while progress_now() < 1:
@@ -442,7 +445,7 @@ def train(args, dataset, seed, device, ranks):
                             average.lerp_(current, 1 - decay)
                         else:
                             average.copy_(current)
-            progress.update()
+            progress.update(round(clock.seconds()) - progress.n if args.time_budget else 1)
             if step_count % eval_steps == 0 and progress_now() < 1:
                 evaluate(step_count)
                 if ranks.main and not np.isfinite(history['train_loss'][-1]):
@@ -461,7 +464,8 @@ def train(args, dataset, seed, device, ranks):
         return None
     reached = {f'{t:.0%}': next((s for s, a in zip(history['seconds'], history['test_acc']) if a >= t), None)
                for t in TARGETS}
-    return {'seed': seed, 'steps': step_count, 'epochs': step_count / steps_per_epoch,
+    return {'seed': seed, 'load_average_at_start': load_at_start, 'load_average_at_end': os.getloadavg(),
+            'steps': step_count, 'epochs': step_count / steps_per_epoch,
             'steps_per_epoch': steps_per_epoch, 'warmup_seconds': warmup_seconds,
             'warmup_seconds_per_step': seconds_per_step, 'train_seconds': history['seconds'][-1],
             'images_per_second': step_count * local_batch * ranks.world / history['seconds'][-1],
@@ -542,7 +546,8 @@ def main():
                                   title=f"{dataset['name']}: FastNet {'/'.join(map(str, args.widths))}, {device.type}")
             print(f"seed {seed}: test accuracy {run['test_accuracy']:.2%} ({dataset['name']}) after "
                   f"{run['train_seconds']:.1f} s of training ({run['epochs']:.2f} epochs, "
-                  f"{run['images_per_second']:.0f} img/s); seconds to "
+                  f"{run['images_per_second']:.0f} img/s, load average {run['load_average_at_start'][0]:.2f} -> "
+                  f"{run['load_average_at_end'][0]:.2f}); seconds to "
                   + ', '.join(f"{k}: {'-' if v is None else f'{v:.1f}'}" for k, v in run['seconds_to_accuracy'].items()))
     if ranks.main:
         s = results['summary']

@@ -119,6 +119,7 @@ def test_run_writes_results_and_its_model_reproduces_the_reported_accuracy(synth
     run = results['runs'][0]
     assert results['data'] == 'CIFAR-10 (JPEG stand-in)'  # not the published files
     assert len(results['load_average_at_start']) == 3 and len(results['load_average_at_end']) == 3
+    assert len(run['load_average_at_start']) == 3 and len(run['load_average_at_end']) == 3
     steps_per_epoch = 200 // 16 + 1  # 150 training + 50 validation images, trained on too
     assert run['steps'] == 2 * steps_per_epoch and run['history']['step'] == [steps_per_epoch, 2 * steps_per_epoch]
     assert run['history']['seconds'][0] < run['history']['seconds'][1] == run['train_seconds']
