@@ -33,24 +33,22 @@ def positive_int(text):
     return value
 
 
-def positive_float(text):
+def _float(text, accept, requirement):
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (accept(value) and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
     return value
+
+
+def positive_float(text):
+    return _float(text, lambda value: value > 0, 'a positive number')
 
 
 def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not value >= 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+    return _float(text, lambda value: value >= 0, 'a number >= 0')
 
 
 def add_common_args(parser, seed=42, resume=False):
