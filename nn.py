@@ -256,7 +256,8 @@ def model_summary(net, batch_size=50):
              Propagated from the input: a k x k window over units `jump` pixels apart adds
              (k - 1) * jump pixels, and a stride multiplies jump. Units at the border see part of it as padding.
     kept:    what the layer's forward keeps for backward, e.g. 'x_cols float32 (25, 25, 1568)' (conv1's
-             im2col columns, in blocks of 2 images); found by running one forward pass of zeros, so it is what the code stores, not what a textbook says
+             im2col columns, in blocks of 2 images); found by running one forward pass of zeros,
+             so it is what the code stores, not what a textbook says
     bytes:   {'float32': ..., 'float64': ...}: memory of what is kept if the net ran in that dtype
              (float arrays scale with the dtype; masks and indices do not)
     """
