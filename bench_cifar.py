@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import cli
-from train_cifar import ConvNet, pick_device
+from train_cifar import ConvNet
 from train_cifar_fast import FastNet, augment, plot_time_to_accuracy
 
 
@@ -125,7 +125,7 @@ def main():
     bad = [path for path, results in runs.items() if results is None]
     if bad:
         raise cli.UserError(f"not a train_cifar_fast.py run folder or results.json: {', '.join(bad)}")
-    device = pick_device(args.device)
+    device = cli.torch_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     cli.seed_everything(args.seed)

@@ -53,6 +53,16 @@ def load_torch(path):
         raise _unreadable(path, error)
 
 
+def restore_torch(state, model, optimizer, scheduler, generator):
+    """Puts a checkpoint.pt's training state back: weights, optimizer, scheduler and both RNGs."""
+    import torch
+    model.load_state_dict(state['model'])
+    optimizer.load_state_dict(state['optimizer'])
+    scheduler.load_state_dict(state['scheduler'])
+    generator.set_state(state['generator'])
+    torch.set_rng_state(state['torch_rng'])
+
+
 def results_text(results):
     """The results dict as JSON text (NumPy scalars and arrays become numbers and lists), for a checkpoint."""
     return json.dumps(results, default=cli._json_default)

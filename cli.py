@@ -240,6 +240,18 @@ def run(main):
         sys.exit(128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT))
 
 
+def torch_device(choice):
+    """--device cpu|cuda|auto -> torch.device; cuda without a GPU is a UserError, auto falls back and says so."""
+    import torch
+    if choice == 'cuda' and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    if choice == 'auto':
+        choice = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if choice == 'cpu':
+            print("device auto: no CUDA GPU found, training on the CPU")
+    return torch.device(choice)
+
+
 # ----------------------------------------------------------------------------- MNIST training flags (tasks 1-3)
 
 LAB_LR_POLICY = '1:0.1,3:0.01,5:0.001,7:0.0001'

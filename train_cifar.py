@@ -104,16 +104,6 @@ def make_loss(name, delta):
     return F.cross_entropy if name == 'ce' else functools.partial(multiclass_hinge_loss, delta=delta)
 
 
-def pick_device(name):
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise cli.UserError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-        if name == 'cpu':
-            print("device auto: no CUDA GPU found, training on the CPU")
-    return torch.device(name)
-
-
 def load_data(args, device):
     """The lab's split and normalisation (data.prepare_cifar10) as tensors on `device`, --limit applied."""
     prepared = data.prepare_cifar10(args.data_dir, valid_size=args.valid_size, seed=args.seed)
@@ -218,11 +208,7 @@ def train(args, dataset, run_dir, loss, device, resume=False):
         done, best_acc, best_valid = 0, -1.0, None  # best_valid: summary() of the best epoch's validation scores
         save_checkpoint(0)
     else:
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        generator.set_state(state['generator'])
-        torch.set_rng_state(state['torch_rng'])
+        checkpoint.restore_torch(state, model, optimizer, scheduler, generator)
         results, best_valid = json.loads(state['results']), json.loads(state['best_valid'])
         history, done, best_acc = results['history'], state['epoch'], state['best_acc']
         print(f"resuming {run_dir} after epoch {done} of {args.epochs}")
@@ -298,7 +284,7 @@ def make_parser():
 
 def main(argv=None):
     args = cli.parse_args(make_parser(), 'train_cifar', argv)
-    device = pick_device(args.device)
+    device = cli.torch_device(args.device)
     dataset = load_data(args, device)
     run_dir = cli.open_run_dir(args, 'train_cifar', argv)
     with cli.resume_hint('train_cifar', run_dir):

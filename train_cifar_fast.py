@@ -59,7 +59,6 @@ from tqdm import tqdm  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
 import metrics  # noqa: E402
-from train_cifar import pick_device  # noqa: E402
 
 TARGETS = (0.85, 0.90, 0.94)
 # Measured on 2 cores (AVX-512 BF16): widths 64/128/256 train ~870 img/s, airbench's 64/256/256 ~520 img/s,
@@ -513,7 +512,7 @@ def summarise(runs):
 
 def main():
     args = parse_args()
-    device = pick_device(args.device)
+    device = cli.torch_device(args.device)
     if args.precision == 'fp16' and device.type != 'cuda':
         raise cli.UserError("--precision fp16 needs --device cuda; on the CPU use bf16 or fp32")
     ranks = Distributed(device)

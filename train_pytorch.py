@@ -197,17 +197,6 @@ def evaluate(model, loader):
     return total_loss / count, correct / count
 
 
-def resolve_device(choice):
-    if choice == 'cpu':
-        return torch.device('cpu')
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if choice == 'cuda':
-        raise cli.UserError("--device cuda: no CUDA GPU is available to PyTorch; use --device cpu or auto")
-    print("--device auto: no CUDA GPU available, training on the CPU")
-    return torch.device('cpu')
-
-
 def to_tensors(mnist, args, device):
     """The prepared NumPy arrays as tensors on the device, the training set cut to --limit."""
     limit = args.limit or len(mnist['train_x'])
@@ -284,11 +273,7 @@ def train(args, tensors, run_dir, device, resume=False):
         done, step = 0, 0
         save_checkpoint(0)
     else:
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        generator.set_state(state['generator'])
-        torch.set_rng_state(state['torch_rng'])
+        checkpoint.restore_torch(state, model, optimizer, scheduler, generator)
         results = json.loads(state['results'])
         done, step = state['epoch'], state['step']
         print(f"resuming {run_dir} after epoch {done} of {args.epochs}")
@@ -438,7 +423,7 @@ def run_comparison(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = cli.torch_device(args.device)
     if args.compare_numpy:
         # float64 on both sides: any difference beyond rounding is a real mismatch, not float32 noise.
         if not run_comparison(args, device):

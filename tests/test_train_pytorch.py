@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import nn as numpy_nn
 import train_pytorch as tp
 from conftest import ROOT, make_synthetic_mnist
@@ -139,7 +140,7 @@ def test_bad_init_from_is_one_line_exit_2(tmp_path, broken, needle):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='tests the behaviour without a GPU')
 def test_device_without_gpu(tmp_path, capsys):
-    assert tp.resolve_device('auto') == torch.device('cpu')
+    assert cli.torch_device('auto') == torch.device('cpu')
     assert 'no CUDA GPU' in capsys.readouterr().out
     result = run_script('--device', 'cuda', '--save-dir', str(tmp_path))
     assert result.returncode == 2
