@@ -22,6 +22,12 @@ def write_idx(path, array, compress=None):
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
+def truncate(path, keep):
+    """Cuts a file to its first `keep` bytes (negative: drops the last -keep), as an interrupted download would."""
+    size = os.path.getsize(path)
+    os.truncate(path, keep if keep >= 0 else size + keep)
+
+
 def write_cifar_batch(path, images, labels):
     """A batch file as CIFAR-10's python version has it: a pickled dict, 'data' (N, 3072) uint8, 'labels' list."""
     with open(path, 'wb') as f:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import data
-from conftest import make_synthetic_cifar
+from conftest import make_synthetic_cifar, truncate
 
 
 def _batch_path(root, name='data_batch_3'):
@@ -64,10 +64,7 @@ def test_synthetic_files_load_with_their_shapes_and_names(synthetic_cifar):
 
 def test_truncated_file_is_a_data_error_naming_it(synthetic_cifar):
     path = _batch_path(synthetic_cifar)
-    with open(path, 'rb') as f:
-        content = f.read()
-    with open(path, 'wb') as f:
-        f.write(content[:len(content) // 2])
+    truncate(path, os.path.getsize(path) // 2)
     with pytest.raises(data.DataError, match='data_batch_3: not a CIFAR-10 file'):
         data.load_cifar10(synthetic_cifar, download=False)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import data
-from conftest import make_synthetic_mnist, write_idx
+from conftest import make_synthetic_mnist, truncate, write_idx
 
 FILES = ['train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte']
 
@@ -65,10 +65,7 @@ def raw_path(root, name):
 def test_truncated_file_names_it(tmp_path):
     root = make_synthetic_mnist(str(tmp_path), gz=False)
     path = raw_path(root, 'train-images-idx3-ubyte')
-    with open(path, 'rb') as f:
-        content = f.read()
-    with open(path, 'wb') as f:
-        f.write(content[:-100])
+    truncate(path, -100)
     with pytest.raises(data.DataError, match='train-images-idx3-ubyte.*truncated'):
         data.load_mnist(root, download=False)
 
@@ -76,10 +73,7 @@ def test_truncated_file_names_it(tmp_path):
 def test_truncated_gzip_stream_names_it(tmp_path):
     root = make_synthetic_mnist(str(tmp_path), gz=True)
     path = raw_path(root, 't10k-labels-idx1-ubyte.gz')
-    with open(path, 'rb') as f:
-        content = f.read()
-    with open(path, 'wb') as f:
-        f.write(content[:len(content) // 2])
+    truncate(path, os.path.getsize(path) // 2)
     with pytest.raises(data.DataError, match='t10k-labels-idx1-ubyte.gz'):
         data.load_mnist(root, download=False)
 
