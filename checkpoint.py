@@ -1,14 +1,19 @@
 """Checkpoints: what a run needs to go on exactly where it stopped, written atomically, read without pickle.
 
-At the end of every epoch (and once before the first) a training loop writes into its run folder
+A training loop writes into its run folder, before the first epoch, after every epoch, and when Ctrl-C or
+SIGTERM stops it between two steps (cli.stop_between_steps):
     checkpoint.npz  (NumPy framework)  np.load(..., allow_pickle=False): the parameters under nn.parameters'
-                    keys, 'epoch', 'step', 'rng' (the shuffling generator's state, pcg64_state) and
-                    'results' (the results so far, as JSON text)
-    checkpoint.pt   (PyTorch)  torch.load(..., weights_only=True): a dict of state_dicts, tensors (the RNG
-                    states) and plain Python values, the results again as JSON text
-Each holds the state at the end of its epoch, RNG states included, so a resumed run redoes the
-interrupted epoch with the same batches and ends with the same weights as an uninterrupted one.
+                    keys, 'epoch' (epochs finished), 'batches_done' (steps done of the next epoch), 'step'
+                    (steps in all), 'rng' (the shuffling generator's state at the start of the next epoch,
+                    pcg64_state), 'epoch_seconds' and 'running_loss' (of the next epoch so far) and 'results'
+                    (the results so far, as JSON text)
+    checkpoint.pt   (PyTorch)  torch.load(..., weights_only=True): the same, with the model's, optimizer's and
+                    scheduler's state_dicts; 'generator' is the batch order's generator at the start of the
+                    next epoch, 'torch_rng' torch's global RNG now
+A resumed run draws the interrupted epoch's permutation again from the saved generator state, skips the
+batches done, and ends with the same weights as an uninterrupted one, bit for bit.
 """
+import itertools
 import json
 import os
 import time
@@ -63,6 +68,30 @@ def restore_torch(state, model, optimizer, scheduler, generator):
     torch.set_rng_state(state['torch_rng'])
 
 
+def epoch_batches(loader, resumed=None):
+    """An iterator over one epoch of the loader's batches. With `resumed`, the checkpoint.pt of a run
+    stopped in this epoch (restore_torch done), it leaves out the batches done before the stop: the
+    loader's generator is back at the epoch's start, so the permutation is the one they came from.
+    Making the iterator draws a seed from torch's global RNG, which is why that RNG is put back after it."""
+    import torch
+    batches = iter(loader)
+    if resumed is None or not resumed['batches_done']:
+        return batches
+    torch.set_rng_state(resumed['torch_rng'])
+    return itertools.islice(batches, resumed['batches_done'], None)
+
+
+def resuming(run_dir, epochs_done, epochs, batches_done, steps_per_epoch):
+    """The line a resumed run prints."""
+    return f"resuming {run_dir} after epoch {epochs_done} of {epochs}" + (
+        f" and {batches_done} of the {steps_per_epoch} steps of epoch {epochs_done + 1}" if batches_done else '')
+
+
+def stopped(epoch, batches_done, steps_per_epoch):
+    """The line a run stopped between two steps prints once its checkpoint is saved."""
+    return f"saved the run after {batches_done} of the {steps_per_epoch} steps of epoch {epoch}"
+
+
 def results_text(results):
     """The results dict as JSON text (NumPy scalars and arrays become numbers and lists), for a checkpoint."""
     return json.dumps(results, default=cli._json_default)
@@ -99,7 +128,8 @@ def finished_results(run_dir, final_key):
 
 
 # A test hook: LAB2_PAUSE_AT=EPOCH:STEP[:NTH] makes the NTH (default 1st) training loop of the process that
-# reaches that step (1-based, within the epoch) print a line and sleep, so that a test can kill it mid-epoch.
+# reaches that step (1-based, within the epoch) print a line and wait (up to 10 minutes, or until a signal
+# asks the loop to stop), so that a test can stop it mid-epoch.
 _PAUSE_AT = [int(part) for part in os.environ.get('LAB2_PAUSE_AT', '').split(':') if part]
 _pause_hits = 0
 
@@ -110,4 +140,6 @@ def pause_for_tests(epoch, step):
         _pause_hits += 1
         if _pause_hits == (_PAUSE_AT[2:] or [1])[0]:
             print(f"paused at epoch {epoch}, step {step} (LAB2_PAUSE_AT)", flush=True)
-            time.sleep(600)
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and not cli.stop_requested():
+                time.sleep(0.05)

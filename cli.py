@@ -198,8 +198,51 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a shutdown, `kill`), raised like Ctrl-C's KeyboardInterrupt so that both stop a run alike."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _interruption(signum):
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+# Inside a training loop a signal must not land between two parameter updates of one SGD step, or the
+# weights it would save belong to no step at all. So there the first SIGINT/SIGTERM is only noted, and
+# the loop asks for it between steps (stop_requested), saves its state and stops (stop).
+_deferring = 0          # how many stop_between_steps() blocks are open
+_pending_signal = None  # the signal noted there and not yet acted upon
+
+
+def _on_signal(signum, frame):
+    global _pending_signal
+    if _deferring and _pending_signal is None:
+        _pending_signal = signum  # no print here: the handler may run inside a write to stderr
+        return
+    _pending_signal = None
+    raise _interruption(signum)
+
+
+@contextlib.contextmanager
+def stop_between_steps():
+    """A training loop's block in which the first Ctrl-C / SIGTERM waits for the loop: the loop checks
+    stop_requested() before each step, saves a checkpoint of where it stands and calls stop(). A second
+    signal stops at once (the last checkpoint saved is then what resumes). A signal still waiting when
+    the block ends stops the program there. Only scripts started through run() defer signals."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if _pending_signal is not None:
+        stop()
+
+
+def stop_requested():
+    return _pending_signal is not None
+
+
+def stop():
+    """Raises the interruption (KeyboardInterrupt, or Terminated) of the signal that stop_requested() saw."""
+    global _pending_signal
+    signum, _pending_signal = _pending_signal, None
+    raise _interruption(signum)
 
 
 class Interrupted(Exception):
@@ -217,15 +260,15 @@ def resume_hint(script, run_dir):
         yield
     except KeyboardInterrupt as interrupt:
         signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}; every finished epoch is saved in {run_dir}; "
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; the last checkpoint is in {run_dir}; "
                           f"continue with: python {script}.py --resume {run_dir}", signum) from None
 
 
 def run(main):
     """Calls main(); a UserError becomes one line on stderr and exit code 2; Ctrl-C and SIGTERM one line
     (with resume_hint, how to resume) and exit code 128 + the signal's number."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the shell started us ignoring it
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGINT, _on_signal)  # also where the shell started us ignoring it
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
         main()
     except UserError as error:

@@ -132,10 +132,12 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
     A NaN or infinite loss raises Diverged before the update it would cause; weights.npz then holds the
     weights of the last finished epoch (init_weights.npz, if none finished).
 
-    Before the first epoch and after every epoch it also writes checkpoint.npz (see checkpoint.py): the
-    weights, the epoch and step, the shuffling RNG's state and `results`. With resume=True and a
-    checkpoint.npz in run_dir it goes on from there instead (replacing the net's weights and what
-    `results` holds), so an interrupted epoch is redone with the same batches, bit for bit.
+    Before the first epoch, after every epoch, and when Ctrl-C or SIGTERM stops it between two steps, it
+    also writes checkpoint.npz (see checkpoint.py): the weights, where the run stands (epoch, step), the
+    shuffling RNG's state at the start of the epoch and `results`. With resume=True and a checkpoint.npz
+    in run_dir it goes on from there instead (replacing the net's weights and what `results` holds):
+    the interrupted epoch gets the same permutation and skips the batches done, so the run ends bit for
+    bit where an uninterrupted one would.
     """
     train_x, train_y = data['train_x'], data['train_y']
     steps_per_epoch = len(train_x) // batch_size
@@ -146,35 +148,45 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
     rng = np.random.default_rng(seed)
     checkpoint_path = os.path.join(run_dir, checkpoint.NPZ)
 
-    def save_checkpoint(epoch):
-        checkpoint.save_npz(checkpoint_path, {**parameters(net), 'epoch': epoch, 'step': step,
-                                              'rng': checkpoint.pcg64_state(rng),
-                                              'results': checkpoint.results_text(results)})
+    def save_checkpoint(epochs_done, batches_done=0, epoch_rng=None, epoch_seconds=0.0, running_loss=0.0):
+        """epoch_rng: the RNG's state at the start of epoch epochs_done + 1 (default: now)."""
+        checkpoint.save_npz(checkpoint_path, {
+            **parameters(net), 'epoch': epochs_done, 'batches_done': batches_done, 'step': step,
+            'rng': checkpoint.pcg64_state(rng) if epoch_rng is None else epoch_rng,
+            'epoch_seconds': epoch_seconds, 'running_loss': running_loss,
+            'results': checkpoint.results_text(results)})
 
     # NumPy's overflow warnings on the way to a NaN say less than the checks below.
-    with np.errstate(over='ignore', invalid='ignore'):
+    with np.errstate(over='ignore', invalid='ignore'), cli.stop_between_steps():
         if resume and os.path.exists(checkpoint_path):
             saved = checkpoint.load_npz(checkpoint_path)
             copy_params(net, saved, checkpoint_path)
             checkpoint.set_pcg64_state(rng, saved['rng'])
             results.clear()
             results.update(json.loads(str(saved['results'])))
-            done, step = int(saved['epoch']), int(saved['step'])
-            print(f"resuming {run_dir} after epoch {done} of {epochs}")
+            done, step, first_batch = int(saved['epoch']), int(saved['step']), int(saved['batches_done'])
+            seconds_before, running_loss = float(saved['epoch_seconds']), float(saved['running_loss'])
+            print(checkpoint.resuming(run_dir, done, epochs, first_batch, steps_per_epoch))
         else:
-            done, step = 0, 0
+            done, step, first_batch, seconds_before, running_loss = 0, 0, 0, 0.0, 0.0
             save_params(net, os.path.join(run_dir, 'init_weights.npz'))
             draw_conv_filters(0, 0, conv1, run_dir)
             save_checkpoint(0)
         last_good = 'weights.npz' if done else 'init_weights.npz'
         for epoch in range(done + 1, epochs + 1):
             lr = cli.lr_at(lr_policy, epoch)
+            epoch_rng = checkpoint.pcg64_state(rng)
             order = rng.permutation(len(train_x)) if shuffle else np.arange(len(train_x))
-            start_time = time.perf_counter()
-            progress = tqdm(range(steps_per_epoch), desc=f'epoch {epoch}/{epochs} lr {lr:g}', leave=False)
-            running_loss = 0.0
+            start_time = time.perf_counter() - seconds_before
+            progress = tqdm(range(first_batch, steps_per_epoch), initial=first_batch, total=steps_per_epoch,
+                            desc=f'epoch {epoch}/{epochs} lr {lr:g}', leave=False)
             for i in progress:
                 checkpoint.pause_for_tests(epoch, i + 1)
+                if cli.stop_requested():
+                    save_checkpoint(epoch - 1, i, epoch_rng, time.perf_counter() - start_time, running_loss)
+                    progress.close()
+                    print(checkpoint.stopped(epoch, i, steps_per_epoch))
+                    cli.stop()
                 batch = order[i * batch_size:(i + 1) * batch_size]
                 x, y = train_x[batch], train_y[batch]
                 logits = forward_pass(net, x)
@@ -190,6 +202,7 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
                 if step % draw_every == 0:
                     draw_conv_filters(epoch, step, conv1, run_dir)
             seconds = time.perf_counter() - start_time
+            first_batch, seconds_before, running_loss = 0, 0.0, 0.0
             progress.close()
             draw_conv_filters(epoch, step, conv1, run_dir)
 

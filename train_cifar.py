@@ -166,8 +166,9 @@ def save_misclassified(path, logits, dataset, loss_fn, loss, count=20):
 def train(args, dataset, run_dir, loss, device, resume=False):
     """Trains, evaluates and tests one model with loss 'ce' or 'hinge'; writes run_dir; returns results.json's dict.
 
-    Writes checkpoint.pt before the first epoch and after every epoch. With resume=True a run that
-    finished in run_dir is read back, and an unfinished one continues from its checkpoint.pt.
+    Writes checkpoint.pt before the first epoch, after every epoch and when Ctrl-C or SIGTERM stops it
+    between two steps. With resume=True a run that finished in run_dir is read back, and an unfinished
+    one continues from its checkpoint.pt.
     """
     os.makedirs(run_dir, exist_ok=True)
     finished = resume and checkpoint.finished_results(run_dir, 'test')
@@ -188,11 +189,13 @@ def train(args, dataset, run_dir, loss, device, resume=False):
     loader = batch_loader(train_x, train_y, args.batch_size, generator)
     best_path = os.path.join(run_dir, 'best_model.pt')
 
-    def save_checkpoint(epoch):
+    def save_checkpoint(epochs_done, batches_done=0, epoch_generator=None, epoch_seconds=0.0):
+        """epoch_generator: the batch order generator's state at the start of epoch epochs_done + 1 (default: now)."""
         checkpoint.save_torch(checkpoint_path, {
-            'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(), 'generator': generator.get_state(),
-            'torch_rng': torch.get_rng_state(), 'best_acc': float(best_acc),
+            'epoch': epochs_done, 'batches_done': batches_done, 'model': model.state_dict(),
+            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+            'generator': generator.get_state() if epoch_generator is None else epoch_generator,
+            'torch_rng': torch.get_rng_state(), 'epoch_seconds': epoch_seconds, 'best_acc': float(best_acc),
             'results': checkpoint.results_text(results), 'best_valid': checkpoint.results_text(best_valid)})
 
     if state is None:
@@ -206,54 +209,66 @@ def train(args, dataset, run_dir, loss, device, resume=False):
                             'mean': dataset['mean'], 'std': dataset['std']},
                    'history': history, 'best_epoch': None}
         done, best_acc, best_valid = 0, -1.0, None  # best_valid: summary() of the best epoch's validation scores
+        first_batch, seconds_before = 0, 0.0
         save_checkpoint(0)
     else:
         checkpoint.restore_torch(state, model, optimizer, scheduler, generator)
         results, best_valid = json.loads(state['results']), json.loads(state['best_valid'])
         history, done, best_acc = results['history'], state['epoch'], state['best_acc']
-        print(f"resuming {run_dir} after epoch {done} of {args.epochs}")
-    for epoch in range(done + 1, args.epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        progress = tqdm(loader, desc=f"{loss} epoch {epoch}/{args.epochs}", leave=False)
-        for step, (x, y) in enumerate(progress):
-            checkpoint.pause_for_tests(epoch, step + 1)
-            batch_loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
-            if step % 100 == 0:
-                progress.set_postfix(loss=f"{batch_loss.item():.3f}")
-        train_seconds = time.perf_counter() - start
-        history['lr'].append(scheduler.get_last_lr()[0])  # the rate this epoch used
-        scheduler.step()
+        first_batch, seconds_before = state['batches_done'], state['epoch_seconds']
+        print(checkpoint.resuming(run_dir, done, args.epochs, first_batch, len(loader)))
+    with cli.stop_between_steps():
+        for epoch in range(done + 1, args.epochs + 1):
+            start = time.perf_counter() - seconds_before
+            model.train()
+            epoch_generator = generator.get_state()
+            batches = checkpoint.epoch_batches(loader, state if first_batch else None)
+            progress = tqdm(batches, initial=first_batch, total=len(loader),
+                            desc=f"{loss} epoch {epoch}/{args.epochs}", leave=False)
+            for step, (x, y) in enumerate(progress, start=first_batch):
+                checkpoint.pause_for_tests(epoch, step + 1)
+                if cli.stop_requested():
+                    save_checkpoint(epoch - 1, step, epoch_generator, time.perf_counter() - start)
+                    progress.close()
+                    print(checkpoint.stopped(epoch, step, len(loader)))
+                    cli.stop()
+                batch_loss = loss_fn(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss.backward()
+                optimizer.step()
+                if step % 100 == 0:
+                    progress.set_postfix(loss=f"{batch_loss.item():.3f}")
+            first_batch, seconds_before = 0, 0.0
+            train_seconds = time.perf_counter() - start
+            history['lr'].append(scheduler.get_last_lr()[0])  # the rate this epoch used
+            scheduler.step()
 
-        train_scores = metrics.evaluate(model, train_x, train_y, loss_fn)
-        if not np.isfinite(train_scores['loss']):
-            raise cli.UserError(f"{loss} training diverged in epoch {epoch} (loss {train_scores['loss']}); "
-                                f"lower --lr (it was {history['lr'][-1]:.4g})")
-        valid_scores = metrics.evaluate(model, dataset['valid_x'], dataset['valid_y'], loss_fn)
-        for split, scores in (('train', train_scores), ('valid', valid_scores)):
-            history[f'{split}_loss'].append(scores['loss'])
-            history[f'{split}_acc'].append(scores['accuracy'])
-        history['valid_macro_precision'].append(valid_scores['macro_precision'])
-        history['valid_macro_recall'].append(valid_scores['macro_recall'])
-        if valid_scores['accuracy'] > best_acc:
-            best_acc, results['best_epoch'] = valid_scores['accuracy'], epoch
-            best_valid = summary(valid_scores, class_names)
-            checkpoint.save_torch(best_path, {name: value.cpu() for name, value in model.state_dict().items()})
-        plots.save_filter_grid(os.path.join(run_dir, f'conv1_epoch_{epoch:02d}.png'),
-                               model.conv1.weight.detach().cpu().numpy())
-        plots.plot_progress_2x2(os.path.join(run_dir, 'training_progress.png'), history, LOSS_TITLES[loss],
-                                title=f"{dataset['name']}, {LOSS_TITLES[loss].lower()}")
-        history['train_seconds'].append(train_seconds)
-        history['epoch_seconds'].append(time.perf_counter() - start)
-        print(f"{loss} epoch {epoch}/{args.epochs}: "
-              f"train loss {train_scores['loss']:.4f} acc {train_scores['accuracy']:.2%} | "
-              f"valid loss {valid_scores['loss']:.4f} acc {valid_scores['accuracy']:.2%} | "
-              f"lr {history['lr'][-1]:.4g} | {len(train_x) / train_seconds:.0f} img/s")
-        cli.write_json(os.path.join(run_dir, 'results.json'), results)  # a stopped run keeps its curves
-        save_checkpoint(epoch)
+            train_scores = metrics.evaluate(model, train_x, train_y, loss_fn)
+            if not np.isfinite(train_scores['loss']):
+                raise cli.UserError(f"{loss} training diverged in epoch {epoch} (loss {train_scores['loss']}); "
+                                    f"lower --lr (it was {history['lr'][-1]:.4g})")
+            valid_scores = metrics.evaluate(model, dataset['valid_x'], dataset['valid_y'], loss_fn)
+            for split, scores in (('train', train_scores), ('valid', valid_scores)):
+                history[f'{split}_loss'].append(scores['loss'])
+                history[f'{split}_acc'].append(scores['accuracy'])
+            history['valid_macro_precision'].append(valid_scores['macro_precision'])
+            history['valid_macro_recall'].append(valid_scores['macro_recall'])
+            if valid_scores['accuracy'] > best_acc:
+                best_acc, results['best_epoch'] = valid_scores['accuracy'], epoch
+                best_valid = summary(valid_scores, class_names)
+                checkpoint.save_torch(best_path, {name: value.cpu() for name, value in model.state_dict().items()})
+            plots.save_filter_grid(os.path.join(run_dir, f'conv1_epoch_{epoch:02d}.png'),
+                                   model.conv1.weight.detach().cpu().numpy())
+            plots.plot_progress_2x2(os.path.join(run_dir, 'training_progress.png'), history, LOSS_TITLES[loss],
+                                    title=f"{dataset['name']}, {LOSS_TITLES[loss].lower()}")
+            history['train_seconds'].append(train_seconds)
+            history['epoch_seconds'].append(time.perf_counter() - start)
+            print(f"{loss} epoch {epoch}/{args.epochs}: "
+                  f"train loss {train_scores['loss']:.4f} acc {train_scores['accuracy']:.2%} | "
+                  f"valid loss {valid_scores['loss']:.4f} acc {valid_scores['accuracy']:.2%} | "
+                  f"lr {history['lr'][-1]:.4g} | {len(train_x) / train_seconds:.0f} img/s")
+            cli.write_json(os.path.join(run_dir, 'results.json'), results)  # a stopped run keeps its curves
+            save_checkpoint(epoch)
 
     model.load_state_dict(checkpoint.load_torch(best_path))
     test_logits = metrics.predict_logits(model, dataset['test_x'])

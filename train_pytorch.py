@@ -228,8 +228,9 @@ def write_log(path, rows):
 def train(args, tensors, run_dir, device, resume=False):
     """Trains one model with args.weight_decay; writes weights, filters, logs and results.json into run_dir.
 
-    Writes checkpoint.pt before the first epoch and after every epoch. With resume=True a run that
-    finished in run_dir is read back, and an unfinished one continues from its checkpoint.pt.
+    Writes checkpoint.pt before the first epoch, after every epoch and when Ctrl-C or SIGTERM stops it
+    between two steps. With resume=True a run that finished in run_dir is read back, and an unfinished
+    one continues from its checkpoint.pt.
     """
     cli.seed_everything(args.seed)
     dtype = getattr(torch, args.dtype)
@@ -259,56 +260,70 @@ def train(args, tensors, run_dir, device, resume=False):
         from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow to import
         writer = SummaryWriter(os.path.join(run_dir, 'tensorboard'))
 
-    def save_checkpoint(epoch):
+    def save_checkpoint(epochs_done, batches_done=0, epoch_generator=None, epoch_seconds=0.0):
+        """epoch_generator: the batch order generator's state at the start of epoch epochs_done + 1 (default: now)."""
         checkpoint.save_torch(checkpoint_path, {
-            'epoch': epoch, 'step': step, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(), 'generator': generator.get_state(),
-            'torch_rng': torch.get_rng_state(), 'results': checkpoint.results_text(results)})
+            'epoch': epochs_done, 'batches_done': batches_done, 'step': step, 'model': model.state_dict(),
+            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+            'generator': generator.get_state() if epoch_generator is None else epoch_generator,
+            'torch_rng': torch.get_rng_state(), 'epoch_seconds': epoch_seconds,
+            'results': checkpoint.results_text(results)})
 
     if state is None:
         valid_loss, _ = evaluate(model, eval_loaders['valid'])
         results = {'config': vars(args), 'initial_loss': valid_loss + reg_loss(optimizer), 'epochs': []}
         print(f"initial validation loss {results['initial_loss']:.4f} (ln 10 = {np.log(10):.4f} + regularisation)")
         draw_filters(model, run_dir, 0, 0, writer)
-        done, step = 0, 0
+        done, step, first_batch, seconds_before = 0, 0, 0, 0.0
         save_checkpoint(0)
     else:
         checkpoint.restore_torch(state, model, optimizer, scheduler, generator)
         results = json.loads(state['results'])
         done, step = state['epoch'], state['step']
-        print(f"resuming {run_dir} after epoch {done} of {args.epochs}")
-    for epoch in range(done + 1, args.epochs + 1):
-        lr = optimizer.param_groups[0]['lr']
-        start = time.perf_counter()
-        progress = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs} lr {lr:g}", leave=False)
-        for i, (x, y) in enumerate(progress):
-            checkpoint.pause_for_tests(epoch, i + 1)
-            loss = train_step(model, optimizer, x, y)
-            step += 1
-            if step % args.draw_every == 0:
-                draw_filters(model, run_dir, epoch, step, writer)
-                progress.set_postfix(loss=f"{loss:.3f}")
-        seconds = time.perf_counter() - start
-        scheduler.step()
-        draw_filters(model, run_dir, epoch, step, writer)
+        first_batch, seconds_before = state['batches_done'], state['epoch_seconds']
+        print(checkpoint.resuming(run_dir, done, args.epochs, first_batch, len(train_loader)))
+    with cli.stop_between_steps():
+        for epoch in range(done + 1, args.epochs + 1):
+            lr = optimizer.param_groups[0]['lr']
+            start = time.perf_counter() - seconds_before
+            epoch_generator = generator.get_state()
+            batches = checkpoint.epoch_batches(train_loader, state if first_batch else None)
+            progress = tqdm(batches, initial=first_batch, total=len(train_loader),
+                            desc=f"epoch {epoch}/{args.epochs} lr {lr:g}", leave=False)
+            for i, (x, y) in enumerate(progress, start=first_batch):
+                checkpoint.pause_for_tests(epoch, i + 1)
+                if cli.stop_requested():
+                    save_checkpoint(epoch - 1, i, epoch_generator, time.perf_counter() - start)
+                    progress.close()
+                    print(checkpoint.stopped(epoch, i, len(train_loader)))
+                    cli.stop()
+                loss = train_step(model, optimizer, x, y)
+                step += 1
+                if step % args.draw_every == 0:
+                    draw_filters(model, run_dir, epoch, step, writer)
+                    progress.set_postfix(loss=f"{loss:.3f}")
+            first_batch, seconds_before = 0, 0.0
+            seconds = time.perf_counter() - start
+            scheduler.step()
+            draw_filters(model, run_dir, epoch, step, writer)
 
-        penalty = reg_loss(optimizer)
-        data_loss, train_acc = evaluate(model, eval_loaders['train'])
-        valid_data_loss, valid_acc = evaluate(model, eval_loaders['valid'])
-        row = {'epoch': epoch, 'lr': lr, 'train_loss': data_loss + penalty, 'train_acc': train_acc,
-               'valid_loss': valid_data_loss + penalty, 'valid_acc': valid_acc,
-               'data_loss': data_loss, 'reg_loss': penalty,
-               'seconds': seconds, 'images_per_second': len(tensors['train'][1]) / seconds}
-        results['epochs'].append(row)
-        print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {train_acc:.2%}, "
-              f"valid loss {row['valid_loss']:.4f} acc {valid_acc:.2%}, "
-              f"{seconds:.1f} s ({row['images_per_second']:.0f} img/s)")
-        cli.write_json(os.path.join(run_dir, 'results.json'), results)
-        write_log(os.path.join(run_dir, 'log.csv'), results['epochs'])
-        if writer is not None:
-            for key in ('lr', 'train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'data_loss', 'reg_loss'):
-                writer.add_scalar(key, row[key], epoch)
-        save_checkpoint(epoch)
+            penalty = reg_loss(optimizer)
+            data_loss, train_acc = evaluate(model, eval_loaders['train'])
+            valid_data_loss, valid_acc = evaluate(model, eval_loaders['valid'])
+            row = {'epoch': epoch, 'lr': lr, 'train_loss': data_loss + penalty, 'train_acc': train_acc,
+                   'valid_loss': valid_data_loss + penalty, 'valid_acc': valid_acc,
+                   'data_loss': data_loss, 'reg_loss': penalty,
+                   'seconds': seconds, 'images_per_second': len(tensors['train'][1]) / seconds}
+            results['epochs'].append(row)
+            print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {train_acc:.2%}, "
+                  f"valid loss {row['valid_loss']:.4f} acc {valid_acc:.2%}, "
+                  f"{seconds:.1f} s ({row['images_per_second']:.0f} img/s)")
+            cli.write_json(os.path.join(run_dir, 'results.json'), results)
+            write_log(os.path.join(run_dir, 'log.csv'), results['epochs'])
+            if writer is not None:
+                for key in ('lr', 'train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'data_loss', 'reg_loss'):
+                    writer.add_scalar(key, row[key], epoch)
+            save_checkpoint(epoch)
 
     save_params(model, os.path.join(run_dir, 'weights.npz'))
     test_data_loss, test_acc = evaluate(model, eval_loaders['test'])

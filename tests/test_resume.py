@@ -113,17 +113,22 @@ def reference_runs(data_dirs, tmp_path_factory):
     return get
 
 
-def epoch_of_checkpoint(run_dir, script):
+def where_checkpoint_stands(run_dir, script):
+    """(epochs finished, steps done of the next epoch) of the run's checkpoint, loaded without unpickling code."""
     if script == 'train_cifar.py' or script == 'train_pytorch.py':
-        return checkpoint.load_torch(os.path.join(run_dir, checkpoint.PT))['epoch']  # weights_only=True
-    return int(checkpoint.load_npz(os.path.join(run_dir, checkpoint.NPZ))['epoch'])  # allow_pickle=False
+        state = checkpoint.load_torch(os.path.join(run_dir, checkpoint.PT))  # weights_only=True
+    else:
+        state = checkpoint.load_npz(os.path.join(run_dir, checkpoint.NPZ))  # allow_pickle=False
+    return int(state['epoch']), int(state['batches_done'])
 
 
 @pytest.mark.parametrize('script, signum', [
     ('train.py', signal.SIGKILL),
     ('train_pytorch.py', signal.SIGKILL),
-    ('train_cifar.py', signal.SIGINT),
+    ('train_cifar.py', signal.SIGKILL),
     ('train.py', signal.SIGTERM),
+    ('train_pytorch.py', signal.SIGINT),
+    ('train_cifar.py', signal.SIGTERM),
 ])
 def test_stopped_mid_epoch_then_resumed_ends_as_if_never_stopped(script, signum, data_dirs, reference_runs, tmp_path,
                                                                  capsys):
@@ -131,21 +136,25 @@ def test_stopped_mid_epoch_then_resumed_ends_as_if_never_stopped(script, signum,
     run_dir = str(tmp_path / 'run')
     process, stderr = start_and_pause(command(script, run_dir, data_dirs[data_set], flags), '2:3', tmp_path)
     process.send_signal(signum)
-    process.wait(timeout=60)
+    output, _ = process.communicate(timeout=60)
     stderr.seek(0)
     errors = stderr.read()
-    if signum == signal.SIGKILL:
+    if signum == signal.SIGKILL:  # no chance to save: the checkpoint of the last finished epoch resumes
         assert process.returncode == -signal.SIGKILL
-    else:  # a clean stop: one line saying how to resume, the exit code of the signal, no traceback
+        assert where_checkpoint_stands(run_dir, script) == (1, 0)
+        resumed = f'resuming {run_dir} after epoch 1 of 2\n'
+    else:  # a clean stop: the state after step 2 of epoch 2 saved, one line saying how to resume, no traceback
         assert process.returncode == 128 + signum
+        assert 'saved the run after 2 of the 4 steps of epoch 2' in output
         last_line = errors.replace('\r', '\n').strip().splitlines()[-1]
         assert last_line.startswith(f'interrupted: stopped by {signal.Signals(signum).name}')
         assert last_line.endswith(f'--resume {run_dir}') and 'Traceback' not in errors
-    assert epoch_of_checkpoint(run_dir, script) == 1  # the last finished epoch, loaded without unpickling code
+        assert where_checkpoint_stands(run_dir, script) == (1, 2)
+        resumed = f'resuming {run_dir} after epoch 1 of 2 and 2 of the 4 steps of epoch 2\n'
     assert not [name for name in os.listdir(run_dir) if name.endswith('.tmp')]
 
     main(script, ['--resume', run_dir])
-    assert f'resuming {run_dir} after epoch 1 of 2' in capsys.readouterr().out
+    assert resumed in capsys.readouterr().out
     assert_same_run(run_dir, reference_runs(script), script)
 
 
@@ -242,3 +251,47 @@ def test_resuming_hinge_compare_keeps_the_finished_loss_and_continues_cross_entr
     expected = final_weights(reference_runs('train_cifar.py'), 'train_cifar.py')
     got = final_weights(os.path.join(run_dir, 'ce'), 'train_cifar.py')
     assert all(np.array_equal(got[key], expected[key]) for key in expected)
+
+
+@pytest.fixture
+def signals_as_scripts_have_them():
+    """SIGINT and SIGTERM handled as cli.run() handles them, for the length of one test."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in saved:
+        signal.signal(signum, cli._on_signal)
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_between_steps_the_first_signal_waits_for_the_loop_and_a_second_stops_at_once(signals_as_scripts_have_them):
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with cli.stop_between_steps():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs in the main thread between bytecodes: here, not in kill()
+            assert cli.stop_requested()  # noted, nothing raised: the step in progress finishes
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert type(stopped.value) is KeyboardInterrupt and not cli.stop_requested()
+
+
+def test_stop_raises_the_kind_of_the_signal_it_acts_on(signals_as_scripts_have_them):
+    with pytest.raises(cli.Terminated):
+        with cli.stop_between_steps():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            cli.stop()
+    assert not cli.stop_requested()
+
+
+def test_a_signal_the_loop_did_not_act_on_stops_the_program_when_the_block_ends(signals_as_scripts_have_them):
+    after_block = []
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with cli.stop_between_steps():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        after_block.append('ran')
+    assert type(stopped.value) is KeyboardInterrupt and not after_block and not cli.stop_requested()
+    with pytest.raises(KeyboardInterrupt):  # outside the block a signal stops at once
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
