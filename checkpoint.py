@@ -81,15 +81,24 @@ def epoch_batches(loader, resumed=None):
     return itertools.islice(batches, resumed['batches_done'], None)
 
 
+def steps(progress, epoch, save):
+    """Yields the step indices of a tqdm bar over range(first step, steps per epoch) of `epoch`.
+    Before each step it checks whether Ctrl-C or SIGTERM asked the loop to stop (cli.stop_between_steps);
+    if so it calls save(steps done), says so and stops the program."""
+    for i in progress:
+        pause_for_tests(epoch, i + 1)
+        if cli.stop_requested():
+            save(i)
+            progress.close()
+            print(f"saved the run after {i} of the {progress.total} steps of epoch {epoch}")
+            cli.stop()
+        yield i
+
+
 def resuming(run_dir, epochs_done, epochs, batches_done, steps_per_epoch):
     """The line a resumed run prints."""
     return f"resuming {run_dir} after epoch {epochs_done} of {epochs}" + (
         f" and {batches_done} of the {steps_per_epoch} steps of epoch {epochs_done + 1}" if batches_done else '')
-
-
-def stopped(epoch, batches_done, steps_per_epoch):
-    """The line a run stopped between two steps prints once its checkpoint is saved."""
-    return f"saved the run after {batches_done} of the {steps_per_epoch} steps of epoch {epoch}"
 
 
 def results_text(results):

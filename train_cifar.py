@@ -223,15 +223,10 @@ def train(args, dataset, run_dir, loss, device, resume=False):
             model.train()
             epoch_generator = generator.get_state()
             batches = checkpoint.epoch_batches(loader, state if first_batch else None)
-            progress = tqdm(batches, initial=first_batch, total=len(loader),
+            progress = tqdm(range(first_batch, len(loader)), initial=first_batch, total=len(loader),
                             desc=f"{loss} epoch {epoch}/{args.epochs}", leave=False)
-            for step, (x, y) in enumerate(progress, start=first_batch):
-                checkpoint.pause_for_tests(epoch, step + 1)
-                if cli.stop_requested():
-                    save_checkpoint(epoch - 1, step, epoch_generator, time.perf_counter() - start)
-                    progress.close()
-                    print(checkpoint.stopped(epoch, step, len(loader)))
-                    cli.stop()
+            for step, (x, y) in zip(checkpoint.steps(progress, epoch, lambda done: save_checkpoint(
+                    epoch - 1, done, epoch_generator, time.perf_counter() - start)), batches):
                 batch_loss = loss_fn(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss.backward()

@@ -288,15 +288,10 @@ def train(args, tensors, run_dir, device, resume=False):
             start = time.perf_counter() - seconds_before
             epoch_generator = generator.get_state()
             batches = checkpoint.epoch_batches(train_loader, state if first_batch else None)
-            progress = tqdm(batches, initial=first_batch, total=len(train_loader),
+            progress = tqdm(range(first_batch, len(train_loader)), initial=first_batch, total=len(train_loader),
                             desc=f"epoch {epoch}/{args.epochs} lr {lr:g}", leave=False)
-            for i, (x, y) in enumerate(progress, start=first_batch):
-                checkpoint.pause_for_tests(epoch, i + 1)
-                if cli.stop_requested():
-                    save_checkpoint(epoch - 1, i, epoch_generator, time.perf_counter() - start)
-                    progress.close()
-                    print(checkpoint.stopped(epoch, i, len(train_loader)))
-                    cli.stop()
+            for _, (x, y) in zip(checkpoint.steps(progress, epoch, lambda done: save_checkpoint(
+                    epoch - 1, done, epoch_generator, time.perf_counter() - start)), batches):
                 loss = train_step(model, optimizer, x, y)
                 step += 1
                 if step % args.draw_every == 0:
