@@ -180,8 +180,8 @@ def train(net, loss, data, run_dir, results, epochs, batch_size, lr_policy, shuf
             start_time = time.perf_counter() - seconds_before
             progress = tqdm(range(first_batch, steps_per_epoch), initial=first_batch, total=steps_per_epoch,
                             desc=f'epoch {epoch}/{epochs} lr {lr:g}', leave=False)
-            for i in checkpoint.steps(progress, epoch, lambda done: save_checkpoint(
-                    epoch - 1, done, epoch_rng, time.perf_counter() - start_time, running_loss)):
+            for i in checkpoint.steps(progress, epoch, lambda steps_done: save_checkpoint(
+                    epoch - 1, steps_done, epoch_rng, time.perf_counter() - start_time, running_loss)):
                 batch = order[i * batch_size:(i + 1) * batch_size]
                 x, y = train_x[batch], train_y[batch]
                 logits = forward_pass(net, x)

@@ -225,8 +225,8 @@ def train(args, dataset, run_dir, loss, device, resume=False):
             batches = checkpoint.epoch_batches(loader, state if first_batch else None)
             progress = tqdm(range(first_batch, len(loader)), initial=first_batch, total=len(loader),
                             desc=f"{loss} epoch {epoch}/{args.epochs}", leave=False)
-            for step, (x, y) in zip(checkpoint.steps(progress, epoch, lambda done: save_checkpoint(
-                    epoch - 1, done, epoch_generator, time.perf_counter() - start)), batches):
+            for step, (x, y) in zip(checkpoint.steps(progress, epoch, lambda steps_done: save_checkpoint(
+                    epoch - 1, steps_done, epoch_generator, time.perf_counter() - start)), batches):
                 batch_loss = loss_fn(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss.backward()

@@ -290,8 +290,8 @@ def train(args, tensors, run_dir, device, resume=False):
             batches = checkpoint.epoch_batches(train_loader, state if first_batch else None)
             progress = tqdm(range(first_batch, len(train_loader)), initial=first_batch, total=len(train_loader),
                             desc=f"epoch {epoch}/{args.epochs} lr {lr:g}", leave=False)
-            for _, (x, y) in zip(checkpoint.steps(progress, epoch, lambda done: save_checkpoint(
-                    epoch - 1, done, epoch_generator, time.perf_counter() - start)), batches):
+            for _, (x, y) in zip(checkpoint.steps(progress, epoch, lambda steps_done: save_checkpoint(
+                    epoch - 1, steps_done, epoch_generator, time.perf_counter() - start)), batches):
                 loss = train_step(model, optimizer, x, y)
                 step += 1
                 if step % args.draw_every == 0:
