@@ -7,7 +7,7 @@
 
 Writes into <save-dir>/<run-name>/: config.json (the command line, for --resume), conv1's filters as PNGs
 while it learns, training_plot.png, init_weights.npz, weights.npz, results.json and checkpoint.npz
-(after every epoch: what --resume continues from).
+(after every epoch, and at the step where Ctrl-C or SIGTERM stopped it: what --resume continues from).
 """
 import argparse
 import math

@@ -24,7 +24,8 @@ Writes into <save-dir>/<run-name>/:
     misclassified.png        the 20 misclassified test images with the highest loss, with the top-3 classes
     best_model.pt            state_dict of the best-validation model (torch.load(..., weights_only=True))
     results.json             config, per-epoch metrics, test scores, per-class precision/recall, speed
-    checkpoint.pt            after every epoch: model, optimizer, scheduler, RNG states, results so far
+    checkpoint.pt            after every epoch and on Ctrl-C / SIGTERM: model, optimizer, scheduler, RNG states,
+                             results so far
                              (weights_only=True too); --resume continues from it bit for bit
     config.json              the command line, which --resume reads
 """

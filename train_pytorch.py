@@ -6,10 +6,11 @@ regularisation as the NumPy framework, so the two can be compared number for num
     python train_pytorch.py                              # the lab's run: 8 epochs, lambda 1e-3
     python train_pytorch.py --sweep                      # lambda in 1e-3, 1e-2, 1e-1, one model each
     python train_pytorch.py --compare-numpy --steps 50   # proves the two frameworks compute the same thing
-    python train_pytorch.py --resume runs/<run-name>     # go on after Ctrl-C or a kill, from the last epoch
+    python train_pytorch.py --resume runs/<run-name>     # go on after Ctrl-C or a kill
 
-After every epoch the run folder gets checkpoint.pt (model, optimizer, scheduler, RNG states, results;
-torch.load(..., weights_only=True) reads it), from which --resume continues bit for bit.
+After every epoch, and at the step where Ctrl-C or SIGTERM stops it, the run folder gets checkpoint.pt
+(model, optimizer, scheduler, RNG states, results; torch.load(..., weights_only=True) reads it), from which
+--resume continues bit for bit.
 
 L2 regularisation is SGD's weight_decay on the conv1, conv2 and fc3 weights:
 weight_decay * w added to the gradient is exactly the gradient of the NumPy
