@@ -20,6 +20,7 @@ import time
 import zipfile
 
 import numpy as np
+from tqdm import tqdm
 
 import cli
 
@@ -68,17 +69,23 @@ def restore_torch(state, model, optimizer, scheduler, generator):
     torch.set_rng_state(state['torch_rng'])
 
 
-def epoch_batches(loader, resumed=None):
-    """An iterator over one epoch of the loader's batches. With `resumed`, the checkpoint.pt of a run
-    stopped in this epoch (restore_torch done), it leaves out the batches done before the stop: the
-    loader's generator is back at the epoch's start, so the permutation is the one they came from.
-    Making the iterator draws a seed from torch's global RNG, which is why that RNG is put back after it."""
+def torch_epoch(loader, generator, epoch, desc, save, resumed=None):
+    """One epoch of a PyTorch training loop over `loader`, whose sampler draws its order from `generator`:
+    returns (progress bar, iterator of (step index, batch)). Before each step it checks for a stop (see
+    steps); save(steps done, the generator's state at the start of the epoch) then writes the checkpoint.
+
+    resumed: the checkpoint.pt of a run stopped in this epoch (restore_torch done), or None. Its
+    generator state is the epoch's start, so the permutation is the one the batches done came from, and
+    those are left out. Making the iterator draws a seed from torch's global RNG, which is why that RNG
+    is put back after it."""
     import torch
-    batches = iter(loader)
-    if resumed is None or not resumed['batches_done']:
-        return batches
-    torch.set_rng_state(resumed['torch_rng'])
-    return itertools.islice(batches, resumed['batches_done'], None)
+    epoch_generator = generator.get_state()
+    batches, first = iter(loader), resumed['batches_done'] if resumed else 0
+    if first:
+        torch.set_rng_state(resumed['torch_rng'])
+        batches = itertools.islice(batches, first, None)
+    progress = tqdm(range(first, len(loader)), initial=first, total=len(loader), desc=desc, leave=False)
+    return progress, zip(steps(progress, epoch, lambda steps_done: save(steps_done, epoch_generator)), batches)
 
 
 def steps(progress, epoch, save):

@@ -40,7 +40,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
-from tqdm import tqdm
 
 import checkpoint
 import cli
@@ -210,31 +209,28 @@ def train(args, dataset, run_dir, loss, device, resume=False):
                             'mean': dataset['mean'], 'std': dataset['std']},
                    'history': history, 'best_epoch': None}
         done, best_acc, best_valid = 0, -1.0, None  # best_valid: summary() of the best epoch's validation scores
-        first_batch, seconds_before = 0, 0.0
         save_checkpoint(0)
     else:
         checkpoint.restore_torch(state, model, optimizer, scheduler, generator)
         results, best_valid = json.loads(state['results']), json.loads(state['best_valid'])
         history, done, best_acc = results['history'], state['epoch'], state['best_acc']
-        first_batch, seconds_before = state['batches_done'], state['epoch_seconds']
-        print(checkpoint.resuming(run_dir, done, args.epochs, first_batch, len(loader)))
+        print(checkpoint.resuming(run_dir, done, args.epochs, state['batches_done'], len(loader)))
     with cli.stop_between_steps():
         for epoch in range(done + 1, args.epochs + 1):
-            start = time.perf_counter() - seconds_before
+            start = time.perf_counter() - (state['epoch_seconds'] if state else 0.0)
             model.train()
-            epoch_generator = generator.get_state()
-            batches = checkpoint.epoch_batches(loader, state if first_batch else None)
-            progress = tqdm(range(first_batch, len(loader)), initial=first_batch, total=len(loader),
-                            desc=f"{loss} epoch {epoch}/{args.epochs}", leave=False)
-            for step, (x, y) in zip(checkpoint.steps(progress, epoch, lambda steps_done: save_checkpoint(
-                    epoch - 1, steps_done, epoch_generator, time.perf_counter() - start)), batches):
+            progress, batches = checkpoint.torch_epoch(
+                loader, generator, epoch, f"{loss} epoch {epoch}/{args.epochs}",
+                lambda steps_done, epoch_generator: save_checkpoint(
+                    epoch - 1, steps_done, epoch_generator, time.perf_counter() - start), resumed=state)
+            state = None  # only the first epoch resumes
+            for step, (x, y) in batches:
                 batch_loss = loss_fn(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss.backward()
                 optimizer.step()
                 if step % 100 == 0:
                     progress.set_postfix(loss=f"{batch_loss.item():.3f}")
-            first_batch, seconds_before = 0, 0.0
             train_seconds = time.perf_counter() - start
             history['lr'].append(scheduler.get_last_lr()[0])  # the rate this epoch used
             scheduler.step()

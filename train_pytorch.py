@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
-from tqdm import tqdm
 
 import checkpoint
 import cli
@@ -275,30 +274,28 @@ def train(args, tensors, run_dir, device, resume=False):
         results = {'config': vars(args), 'initial_loss': valid_loss + reg_loss(optimizer), 'epochs': []}
         print(f"initial validation loss {results['initial_loss']:.4f} (ln 10 = {np.log(10):.4f} + regularisation)")
         draw_filters(model, run_dir, 0, 0, writer)
-        done, step, first_batch, seconds_before = 0, 0, 0, 0.0
+        done, step = 0, 0
         save_checkpoint(0)
     else:
         checkpoint.restore_torch(state, model, optimizer, scheduler, generator)
         results = json.loads(state['results'])
         done, step = state['epoch'], state['step']
-        first_batch, seconds_before = state['batches_done'], state['epoch_seconds']
-        print(checkpoint.resuming(run_dir, done, args.epochs, first_batch, len(train_loader)))
+        print(checkpoint.resuming(run_dir, done, args.epochs, state['batches_done'], len(train_loader)))
     with cli.stop_between_steps():
         for epoch in range(done + 1, args.epochs + 1):
             lr = optimizer.param_groups[0]['lr']
-            start = time.perf_counter() - seconds_before
-            epoch_generator = generator.get_state()
-            batches = checkpoint.epoch_batches(train_loader, state if first_batch else None)
-            progress = tqdm(range(first_batch, len(train_loader)), initial=first_batch, total=len(train_loader),
-                            desc=f"epoch {epoch}/{args.epochs} lr {lr:g}", leave=False)
-            for _, (x, y) in zip(checkpoint.steps(progress, epoch, lambda steps_done: save_checkpoint(
-                    epoch - 1, steps_done, epoch_generator, time.perf_counter() - start)), batches):
+            start = time.perf_counter() - (state['epoch_seconds'] if state else 0.0)
+            progress, batches = checkpoint.torch_epoch(
+                train_loader, generator, epoch, f"epoch {epoch}/{args.epochs} lr {lr:g}",
+                lambda steps_done, epoch_generator: save_checkpoint(
+                    epoch - 1, steps_done, epoch_generator, time.perf_counter() - start), resumed=state)
+            state = None  # only the first epoch resumes
+            for _, (x, y) in batches:
                 loss = train_step(model, optimizer, x, y)
                 step += 1
                 if step % args.draw_every == 0:
                     draw_filters(model, run_dir, epoch, step, writer)
                     progress.set_postfix(loss=f"{loss:.3f}")
-            first_batch, seconds_before = 0, 0.0
             seconds = time.perf_counter() - start
             scheduler.step()
             draw_filters(model, run_dir, epoch, step, writer)
