@@ -1,4 +1,4 @@
-"""Speed of one training step of the lab's MNIST net: this NumPy framework (float32 and float64) vs PyTorch on the CPU.
+"""Speed of one training step of the lab's MNIST net: the NumPy framework (fast and textbook layers) vs PyTorch on the CPU.
 
 A step is forward + loss + backward + SGD update on one batch of random images
 (speed does not depend on the pixel values). The three contenders run in one
@@ -8,12 +8,12 @@ timed step follows an untimed step of the same contender, as in a training
 loop: PyTorch's OpenMP workers spin on their cores for ~10 ms after every
 operation, and took that from a NumPy step that started right after a PyTorch
 one; after a pause instead, waking the idle cores made two-thread steps ~1.5x
-slower. --threads sets the layers' threads (layers.set_num_threads:
+slower. --threads sets the fast layers' threads (fast_layers.set_num_threads:
 each heavy layer splits its work between them, with OpenBLAS single-threaded
-inside) and PyTorch's. A load average above the number of cores means other
+inside) and PyTorch's; the textbook layers run on OpenBLAS's own threads. A load average above the number of cores means other
 programs compete for the CPU, and multi-threaded timings suffer most (PyTorch's
 the most: its threads wait for each other at every operation). --profile adds
-the time of every layer's forward and backward in the NumPy float32 net.
+the time of every layer's forward and backward in the fast float32 net.
 
     python bench_layers.py                 # 30 rounds, all cores
     python bench_layers.py --threads 1     # one core for the layers and for PyTorch
@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 import cli
+import fast_layers
 import layers
 import nn
+import train
 
 
 def parse_args():
@@ -38,14 +40,15 @@ def parse_args():
     parser.add_argument('--threads', type=cli.positive_int, default=torch.get_num_threads(),
                         help=f'threads of the layers and of PyTorch (default: {torch.get_num_threads()}, '
                              'PyTorch\'s default)')
-    parser.add_argument('--profile', action='store_true', help='also time every layer of the NumPy float32 net')
+    parser.add_argument('--profile', action='store_true', help='also time every layer of the fast float32 net')
     parser.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     return parser.parse_args()
 
 
-def numpy_step(dtype, batch_size, rng, layer_times=None):
-    """One training step of the NumPy net; with layer_times (a dict), each layer's share is added there."""
-    net, loss = nn.lab_mnist_net(batch_size, dtype)
+def numpy_step(module, dtype, batch_size, rng, layer_times=None):
+    """One training step of the NumPy net made of `module`'s layers; with layer_times (a dict), each layer's
+    share is added there."""
+    net, loss = train.make_net(module, batch_size, dtype), module.SoftmaxCrossEntropyWithLogits()
     x = rng.standard_normal((batch_size, 1, 28, 28)).astype(dtype)
     y = rng.integers(0, 10, batch_size)
     if layer_times is not None:
@@ -92,13 +95,14 @@ def main():
     args = parse_args()
     cli.seed_everything(args.seed)
     torch.set_num_threads(args.threads)
-    layers.set_num_threads(args.threads)
-    if not layers.set_blas_threads(1):   # the layers' threads do the parallel work
+    fast_layers.set_num_threads(args.threads)
+    if not fast_layers.set_blas_threads(args.threads):
         print("note: NumPy's BLAS is not a bundled OpenBLAS here; it runs with its default thread count")
     rng = np.random.default_rng(args.seed)
     layer_times = {} if args.profile else None
-    steps = {'numpy float32': numpy_step(np.float32, args.batch_size, rng, layer_times),
-             'numpy float64': numpy_step(np.float64, args.batch_size, rng),
+    steps = {'fast float32': numpy_step(fast_layers, np.float32, args.batch_size, rng, layer_times),
+             'fast float64': numpy_step(fast_layers, np.float64, args.batch_size, rng),
+             'textbook float32': numpy_step(layers, np.float32, args.batch_size, rng),
              'torch float32': torch_step(args.batch_size, rng)}
     times = {name: [] for name in steps}
     for _ in range(args.warmup):
@@ -115,16 +119,16 @@ def main():
 
     print(f"lab MNIST net, batch {args.batch_size}, {args.threads} thread(s), {args.steps} steps each "
           f"(forward + backward + SGD), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'':15s} {'median ms/step':>15s} {'min ms/step':>12s} {'img/s':>8s}")
+    print(f"{'':17s} {'median ms/step':>15s} {'min ms/step':>12s} {'img/s':>8s}")
     for name, seconds in times.items():
         median = np.median(seconds)
-        print(f"{name:15s} {1e3 * median:15.1f} {1e3 * min(seconds):12.1f} {args.batch_size / median:8.0f}")
+        print(f"{name:17s} {1e3 * median:15.1f} {1e3 * min(seconds):12.1f} {args.batch_size / median:8.0f}")
     if layer_times:
-        print("numpy float32, per layer (median ms):")
+        print("fast float32, per layer (median ms):")
         for key, seconds in layer_times.items():
             print(f"  {key:28s} {1e3 * np.median(seconds):6.2f}")
         print(f"  {'sum':28s} {1e3 * sum(np.median(seconds) for seconds in layer_times.values()):6.2f}")
-    for name in ('numpy float32', 'numpy float64'):
+    for name in ('fast float32', 'fast float64', 'textbook float32'):
         print(f"{name} / torch float32: {np.median(times[name]) / np.median(times['torch float32']):.2f} (medians), "
               f"{min(times[name]) / min(times['torch float32']):.2f} (minima)")
 

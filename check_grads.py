@@ -23,14 +23,18 @@ about one extra forward pass. Numerical gradients are for checking, not training
 To turn a layer's output Y into a scalar we use L = sum(Y * G) with a random G:
 then dL/dY = G, exactly what backward gets from the layer above.
 
-    python check_grads.py            # one line per check; exit code 1 if any fails
+    python check_grads.py                    # layers.py and fast_layers.py, one line per check; exit 1 if any fails
+    python check_grads.py --layers textbook  # layers.py only
 """
 import sys
 
 import numpy as np
 
 import cli
-import layers
+import fast_layers
+import layers as textbook_layers
+
+LAYERS = {'textbook': textbook_layers, 'fast': fast_layers}
 
 TOLERANCE = 1e-5
 STEP = 1e-5    # h: balances the O(h^2) truncation error against float64 round-off (~1e-16 / h)
@@ -96,8 +100,8 @@ def away_from_kinks(rng, shape):
 
 # ----------------------------------------------------------------------------- the list of checks
 
-def run_checks(seed=42):
-    """Every check, in order: a list of (name, max relative error)."""
+def run_checks(layers, seed=42):
+    """Every check of the layers of module `layers`, in order: a list of (name, max relative error)."""
     rng = np.random.default_rng(seed)
     np.random.seed(seed)   # the layers' initialisers draw from NumPy's global RNG
     results = []
@@ -115,9 +119,6 @@ def run_checks(seed=42):
         x = away_from_kinks(rng, shape)
         pool = layers.MaxPooling(x, 'pool', pool_size, stride)
         results.append((f'MaxPooling {pool_size}/{stride} inputs', check_inputs(pool, x, rng)))
-        if pool.use_cython:   # the NumPy reference path too
-            pool.use_cython = False
-            results.append((f'MaxPooling {pool_size}/{stride} inputs (NumPy)', check_inputs(pool, x, rng)))
 
     x = away_from_kinks(rng, (3, 2, 4, 5))
     results.append(('ReLU inputs', check_inputs(layers.ReLU(x, 'relu'), x, rng)))
@@ -151,9 +152,12 @@ def run_checks(seed=42):
 def main(argv=None):
     parser = cli.ArgumentParser(description="Checks every layer's analytic gradients against central differences "
                                             f"in float64; a check passes below a relative error of {TOLERANCE:g}.")
-    parser.add_argument('--seed', type=int, default=42, help='random seed of the inputs and weights (default: 42)')
+    parser.add_argument('--seed', type=cli.seed_value, default=42, help='random seed of the inputs and weights (default: 42)')
+    parser.add_argument('--layers', choices=['both', *LAYERS], default='both',
+                        help='check layers.py (textbook), fast_layers.py (fast) or both (default: both)')
     args = parser.parse_args(argv)
-    results = run_checks(args.seed)
+    results = [(f'{name:8s} {check}', error) for name, module in LAYERS.items() if args.layers in ('both', name)
+               for check, error in run_checks(module, args.seed)]
     width = max(len(name) for name, _ in results)
     for name, error in results:
         print(f"{name:{width}s}  max rel error {error:.2e}  {'PASS' if error < TOLERANCE else 'FAIL'}")

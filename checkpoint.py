@@ -1,161 +1,277 @@
-"""Checkpoints: what a run needs to go on exactly where it stopped, written atomically, read without pickle.
+"""Checkpoints: a training run that can stop at any step and go on from its folder, bit for bit.
 
-A training loop writes into its run folder, before the first epoch, after every epoch, and when Ctrl-C or
-SIGTERM stops it between two steps (cli.stop_between_steps):
-    checkpoint.npz  (NumPy framework)  np.load(..., allow_pickle=False): the parameters under nn.parameters'
-                    keys, 'epoch' (epochs finished), 'batches_done' (steps done of the next epoch), 'step'
-                    (steps in all), 'rng' (the shuffling generator's state at the start of the next epoch,
-                    pcg64_state), 'epoch_seconds' and 'running_loss' (of the next epoch so far) and 'results'
-                    (the results so far, as JSON text)
-    checkpoint.pt   (PyTorch)  torch.load(..., weights_only=True): the same, with the model's, optimizer's and
-                    scheduler's state_dicts; 'generator' is the batch order's generator at the start of the
-                    next epoch, 'torch_rng' torch's global RNG now
-A resumed run draws the interrupted epoch's permutation again from the saved generator state, skips the
-batches done, and ends with the same weights as an uninterrupted one, bit for bit.
+A training loop asks a Run for its epochs and its mini-batches, and hands it each epoch's scores:
+
+    run = checkpoint.Run(run_dir, seed, resume, arrays=nn.parameters(net))   # NumPy: checkpoint.npz
+    batches = run.batches(len(train_x), batch_size)     # or DataLoader(..., sampler=batches, batch_size=None)
+    for epoch in run.epochs(num_epochs):
+        for batch in batches:
+            ...                                         # one SGD step on train_x[batch]
+            run.check_loss(loss)                        # a NaN or infinite loss stops the run, before the update
+        run.end_epoch(train_loss=..., valid_acc=...)    # prints, writes results.json and the checkpoint
+
+The Run does the rest:
+  - each epoch's batch order is a permutation drawn from its own generator (seeded), the last partial
+    batch left out;
+  - it writes the checkpoint before the first epoch and after every epoch: the weights (or the PyTorch
+    state_dicts), where the run stands (epochs done, steps done of the next epoch), the generator's
+    state at the start of that epoch, and the results so far;
+  - Ctrl-C or SIGTERM during training waits for the step in progress, then the run saves where it
+    stands and stops (a signal between two weight updates would save weights of no step at all);
+  - with resume=True it reads the checkpoint back: the weights, the results, and the interrupted
+    epoch's batch order, from which the steps done are left out. The run then ends with the same
+    weights as one that was never stopped.
+
+Files, all written atomically (cli.atomic_write) and read without running any code:
+    checkpoint.npz  np.load(..., allow_pickle=False): the arrays under their own names, and 'run'
+    checkpoint.pt   torch.load(..., weights_only=True): the state_dicts under their names, and 'run'
+'run' is JSON text: epochs_done, batches_done, step, epoch_seconds, rng (the generator's state) and results.
 """
-import itertools
 import json
+import math
 import os
 import time
 import zipfile
 
 import numpy as np
-from tqdm import tqdm
 
 import cli
 
 NPZ, PT = 'checkpoint.npz', 'checkpoint.pt'
 
 
+class Diverged(cli.UserError):
+    """The loss became NaN or infinite: the run stops before that reaches the weights on disk."""
+
+
+class Run:
+    """Where a training run stands, and the mechanics of stopping and going on; see the module docstring.
+
+    arrays:      {name: array} of a NumPy net (nn.parameters), restored in place; or
+    state_dicts: {name: object with state_dict() and load_state_dict()} (model, optimizer, scheduler).
+    results:     the results dict a new run starts with; 'epochs' (a list of end_epoch's records) is added.
+    """
+
+    def __init__(self, run_dir, seed, resume=False, arrays=None, state_dicts=None, results=None, shuffle=True):
+        self.dir, self.shuffle = run_dir, shuffle
+        self.arrays, self.state_dicts = arrays, state_dicts
+        self.path = os.path.join(run_dir, NPZ if state_dicts is None else PT)
+        self.rng = np.random.default_rng(seed)
+        self.epochs_done, self.batches_done, self.step, self.epoch_seconds = 0, 0, 0, 0.0
+        self.results = {**(results or {}), 'epochs': []}
+        self.resumed = resume and os.path.exists(self.path)
+        if self.resumed:
+            self._restore()
+            print(self._where('resuming'))
+        self.epoch = self.epochs_done  # the epoch in progress, from epochs(); before it, the last one done
+
+    @property
+    def finished(self):
+        """True once finish() was called: a resumed sweep reads such a run back instead of training it."""
+        return 'finished' in self.results
+
+    def epochs(self, count):
+        """Yields the epoch numbers 1..count that are still to do; signals wait for a step to end meanwhile."""
+        self.epochs_total = count
+        # NumPy's overflow warnings on the way to a NaN say less than check_loss and end_epoch do.
+        with cli.stop_between_steps(), np.errstate(over='ignore', invalid='ignore'):
+            if not self.resumed:
+                self._save()
+            for self.epoch in range(self.epochs_done + 1, count + 1):
+                self.epoch_start = time.perf_counter() - self.epoch_seconds
+                yield self.epoch
+
+    def batches(self, num_items, batch_size):
+        """The mini-batches of each epoch, as int64 index arrays (batch_size,), re-iterable every epoch."""
+        return _Batches(self, num_items, batch_size)
+
+    def check_loss(self, loss):
+        """Stops the run with Diverged if the batch loss is NaN or infinite; shows it in the progress bar."""
+        loss = loss.item() if hasattr(loss, 'item') else float(loss)  # a tensor, a NumPy or a Python number
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss became {loss} at epoch {self.epoch}, step {self.step}; lower the learning "
+                           f"rate. The last checkpoint, after epoch {self.epochs_done}, is in {self.dir}")
+        self._progress.set_postfix(loss=f'{loss:.4f}', refresh=False)
+
+    def end_epoch(self, **record):
+        """Records the epoch's scores (train_loss, train_acc, valid_loss, valid_acc, lr, ...), prints them
+        and saves results.json and the checkpoint. A non-finite training loss stops the run first."""
+        if not math.isfinite(record.get('train_loss', 0.0)):
+            raise Diverged(f"the training loss became {record['train_loss']} after epoch {self.epoch}; lower the "
+                           f"learning rate. The last checkpoint, after epoch {self.epochs_done}, is in {self.dir}")
+        record = {'epoch': self.epoch, **record, 'seconds': self.train_seconds,
+                  'images_per_second': self.images / self.train_seconds}
+        self.results['epochs'].append(record)
+        self.epochs_done, self.batches_done, self.epoch_seconds = self.epoch, 0, 0.0
+        print(format_epoch(record, self.epochs_total))
+        cli.write_json(os.path.join(self.dir, 'results.json'), self.results)
+        self._save()
+
+    def finish(self, **final):
+        """Adds the final scores (test accuracy, ...) to the results and saves them: the run is done."""
+        epochs = self.results['epochs']
+        self.results.update(final, finished=True, seconds_per_epoch=float(np.mean([r['seconds'] for r in epochs])),
+                            images_per_second=float(np.mean([r['images_per_second'] for r in epochs])))
+        cli.write_json(os.path.join(self.dir, 'results.json'), self.results)
+        self._save()
+
+    # ------------------------------------------------------------------------- saving and restoring
+
+    def _where(self, verb):
+        return f"{verb} {self.dir} after epoch {self.epochs_done}" + (
+            f" and {self.batches_done} steps of epoch {self.epochs_done + 1}" if self.batches_done else '')
+
+    def _save(self, epoch_rng=None):
+        """Writes the checkpoint; epoch_rng: the generator's state at the start of the next epoch (default: now)."""
+        fields = json.dumps({'epochs_done': self.epochs_done, 'batches_done': self.batches_done, 'step': self.step,
+                             'epoch_seconds': self.epoch_seconds,
+                             'rng': epoch_rng or self.rng.bit_generator.state,
+                             'results': self.results}, default=cli.json_default, allow_nan=False)
+        if self.state_dicts is None:
+            save_npz(self.path, {**self.arrays, 'run': np.array(fields)})
+        else:
+            save_torch(self.path, {**{name: obj.state_dict() for name, obj in self.state_dicts.items()},
+                                   'run': fields})
+
+    def _restore(self):
+        saved = load_npz(self.path) if self.state_dicts is None else load_torch(self.path)
+        fields = _run_fields(self.path, saved.get('run'))
+        try:
+            if self.state_dicts is None:
+                copy_arrays(self.arrays, saved, self.path)
+            else:
+                for name, obj in self.state_dicts.items():
+                    obj.load_state_dict(saved[name])
+            self.rng.bit_generator.state = fields['rng']
+        except (KeyError, ValueError, TypeError, OverflowError, RuntimeError) as error:  # another net's, or tampered
+            raise _unreadable(self.path, error)
+        for key in ('epochs_done', 'batches_done', 'step', 'epoch_seconds', 'results'):
+            setattr(self, key, fields[key])
+
+
+class _Batches:
+    """Run.batches: iterating it runs one epoch of the run; a DataLoader takes it as its sampler."""
+
+    def __init__(self, run, num_items, batch_size):
+        if num_items < batch_size:
+            raise cli.UserError(f"batch size {batch_size} is larger than the {num_items} training examples")
+        self.run, self.num_items, self.batch_size = run, num_items, batch_size
+
+    def __len__(self):
+        return self.num_items // self.batch_size
+
+    def __iter__(self):
+        run, size = self.run, self.batch_size
+        epoch_rng = run.rng.bit_generator.state  # a resumed run restored it: the same order as before
+        order = run.rng.permutation(self.num_items) if run.shuffle else np.arange(self.num_items)
+        run._progress = progress = cli.progress_bar(len(self), initial=run.batches_done,
+                                                    desc=f"epoch {run.epoch}/{run.epochs_total}")
+        for i in range(run.batches_done, len(self)):
+            if cli.stop_requested():  # between two steps: save where the run stands, then stop
+                run.batches_done, run.epoch_seconds = i, time.perf_counter() - run.epoch_start
+                run._save(epoch_rng)
+                progress.close()
+                print(run._where('saved'))
+                cli.stop()
+            run.step += 1
+            yield order[i * size:(i + 1) * size]
+            progress.update()
+        progress.close()
+        run.train_seconds, run.images = time.perf_counter() - run.epoch_start, len(self) * size
+
+
+def format_epoch(record, epochs):
+    """One line of an epoch's scores: loss and accuracy (and macro precision/recall, if recorded) per split."""
+    parts = []
+    for split in ('train', 'valid'):
+        if f'{split}_loss' in record:
+            part = f"{split} loss {record[f'{split}_loss']:.4f} acc {record[f'{split}_acc']:.2%}"
+            if f'{split}_precision' in record:
+                part += f" P {record[f'{split}_precision']:.2%} R {record[f'{split}_recall']:.2%}"
+            parts.append(part)
+    if record.get('reg_loss'):
+        parts.append(f"L2 term {record['reg_loss']:.4f}")
+    if 'lr' in record:
+        parts.append(f"lr {record['lr']:g}")
+    parts.append(f"{record['seconds']:.1f} s ({record['images_per_second']:.0f} img/s)")
+    return f"epoch {record['epoch']}/{epochs}: " + ', '.join(parts)
+
+
+def _run_fields(path, text):
+    """The 'run' JSON of a checkpoint, checked field by field: a tampered file is a UserError, not a traceback."""
+    try:
+        fields = json.loads(str(text))
+        for key, kind in (('epochs_done', int), ('batches_done', int), ('step', int), ('epoch_seconds', float),
+                          ('rng', dict), ('results', dict)):
+            if not isinstance(fields[key], kind) or isinstance(fields[key], bool):
+                raise TypeError(f"'{key}' is not a {kind.__name__}")
+        if min(fields['epochs_done'], fields['batches_done'], fields['step'], fields['epoch_seconds']) < 0:
+            raise ValueError("a negative count")
+        if not isinstance(fields['results'].get('epochs'), list):
+            raise TypeError("'results' has no list of epochs")
+    except (ValueError, TypeError, KeyError) as error:  # JSONDecodeError is a ValueError
+        raise _unreadable(path, error)
+    return fields
+
+
+# ----------------------------------------------------------------------------- files
+
 def _unreadable(path, error):
-    return cli.UserError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); "
-                         f"start the run again with --overwrite")
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return cli.UserError(f"{path}: not a checkpoint of this run ({reason}); start the run again with --overwrite")
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def save_npz(path, arrays):
-    cli.atomic_write(path, lambda f: np.savez(f, **arrays))
+    """np.savez, atomically (stored, not compressed: load_npz relies on that)."""
+    cli.atomic_write(path, lambda tmp_path: np.savez(tmp_path, **arrays))
 
 
 def load_npz(path):
-    """{name: array} of an .npz, never unpickling anything; a UserError naming the file if it is unreadable."""
+    """{name: array} of an .npz that np.savez wrote, never unpickling anything and never allocating more than
+    the file holds; a UserError naming the file if it is unreadable, compressed or claims more than it holds."""
     try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.compress_type != zipfile.ZIP_STORED:
+                    raise ValueError(f"{member.filename} is compressed; np.savez never writes that")
+                with archive.open(member) as f:
+                    read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(f))
+                    if read_header is None:
+                        raise ValueError(f"{member.filename} is not in a .npy format np.savez writes")
+                    shape, _, dtype = read_header(f)
+                    if dtype.hasobject or math.prod(shape) * dtype.itemsize > member.file_size:
+                        raise ValueError(f"{member.filename} claims {shape} {dtype}, more than its "
+                                         f"{member.file_size} bytes")
         with np.load(path, allow_pickle=False) as saved:
             return {key: saved[key] for key in saved.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, TypeError) as error:
         raise _unreadable(path, error)
+
+
+def copy_arrays(arrays, saved, source):
+    """Copies saved[name] into each arrays[name] in place (the net and its regularizers keep their references)."""
+    for name, array in arrays.items():
+        if name not in saved:
+            raise cli.UserError(f"{source}: no array {name!r} (the net needs {array.dtype} {array.shape})")
+        if saved[name].shape != array.shape or saved[name].dtype.kind != 'f':
+            raise cli.UserError(f"{source}: {name!r} is {saved[name].dtype} {saved[name].shape}, "
+                                f"the net needs {array.dtype} {array.shape}")
+    for name, array in arrays.items():
+        array[...] = saved[name]
 
 
 def save_torch(path, state):
     import torch
-    cli.atomic_write(path, lambda f: torch.save(state, f))
+    cli.atomic_write(path, lambda tmp_path: torch.save(state, tmp_path))
 
 
 def load_torch(path):
-    """A checkpoint.pt (or best_model.pt) on the CPU; weights_only=True builds nothing but tensors and plain values."""
+    """A .pt file on the CPU; weights_only=True builds nothing but tensors and plain values, so it runs no code."""
     import torch
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # truncated zip, foreign pickle, refused global: all mean 'not ours'
+    except Exception as error:  # a truncated zip, a foreign pickle, a refused global: all mean 'not ours'
         raise _unreadable(path, error)
-
-
-def restore_torch(state, model, optimizer, scheduler, generator):
-    """Puts a checkpoint.pt's training state back: weights, optimizer, scheduler and both RNGs."""
-    import torch
-    model.load_state_dict(state['model'])
-    optimizer.load_state_dict(state['optimizer'])
-    scheduler.load_state_dict(state['scheduler'])
-    generator.set_state(state['generator'])
-    torch.set_rng_state(state['torch_rng'])
-
-
-def torch_epoch(loader, generator, epoch, desc, save, resumed=None):
-    """One epoch of a PyTorch training loop over `loader`, whose sampler draws its order from `generator`:
-    returns (progress bar, iterator of (step index, batch)). Before each step it checks for a stop (see
-    steps); save(steps done, the generator's state at the start of the epoch) then writes the checkpoint.
-
-    resumed: the checkpoint.pt of a run stopped in this epoch (restore_torch done), or None. Its
-    generator state is the epoch's start, so the permutation is the one the batches done came from, and
-    those are left out. Making the iterator draws a seed from torch's global RNG, which is why that RNG
-    is put back after it."""
-    import torch
-    epoch_generator = generator.get_state()
-    batches, first = iter(loader), resumed['batches_done'] if resumed else 0
-    if first:
-        torch.set_rng_state(resumed['torch_rng'])
-        batches = itertools.islice(batches, first, None)
-    progress = tqdm(range(first, len(loader)), initial=first, total=len(loader), desc=desc, leave=False)
-    return progress, zip(steps(progress, epoch, lambda steps_done: save(steps_done, epoch_generator)), batches)
-
-
-def steps(progress, epoch, save):
-    """Yields the step indices of a tqdm bar over range(first step, steps per epoch) of `epoch`.
-    Before each step it checks whether Ctrl-C or SIGTERM asked the loop to stop (cli.stop_between_steps);
-    if so it calls save(steps done), says so and stops the program."""
-    for i in progress:
-        pause_for_tests(epoch, i + 1)
-        if cli.stop_requested():
-            save(i)
-            progress.close()
-            print(f"saved the run after {i} of the {progress.total} steps of epoch {epoch}")
-            cli.stop()
-        yield i
-
-
-def resuming(run_dir, epochs_done, epochs, batches_done, steps_per_epoch):
-    """The line a resumed run prints."""
-    return f"resuming {run_dir} after epoch {epochs_done} of {epochs}" + (
-        f" and {batches_done} of the {steps_per_epoch} steps of epoch {epochs_done + 1}" if batches_done else '')
-
-
-def results_text(results):
-    """The results dict as JSON text (NumPy scalars and arrays become numbers and lists), for a checkpoint."""
-    return json.dumps(results, default=cli._json_default)
-
-
-def pcg64_state(rng):
-    """A np.random.Generator(PCG64)'s state as uint64 (6,): its 128-bit state and increment in 64-bit halves,
-    and the buffered 32-bit draw (has_uint32, uinteger)."""
-    state = rng.bit_generator.state
-    if state['bit_generator'] != 'PCG64':
-        raise ValueError(f"expected a PCG64 generator, got {state['bit_generator']}")
-    mask = (1 << 64) - 1
-    value, inc = state['state']['state'], state['state']['inc']
-    return np.array([value >> 64, value & mask, inc >> 64, inc & mask, state['has_uint32'], state['uinteger']],
-                    dtype=np.uint64)
-
-
-def set_pcg64_state(rng, array):
-    """Inverse of pcg64_state."""
-    hi, lo, inc_hi, inc_lo, has_uint32, uinteger = (int(x) for x in array)
-    rng.bit_generator.state = {'bit_generator': 'PCG64',
-                               'state': {'state': hi << 64 | lo, 'inc': inc_hi << 64 | inc_lo},
-                               'has_uint32': has_uint32, 'uinteger': uinteger}
-
-
-def finished_results(run_dir, final_key):
-    """results.json of run_dir if the run finished (it holds final_key, written only at the end), else None."""
-    try:
-        with open(os.path.join(run_dir, 'results.json')) as f:
-            results = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return results if isinstance(results, dict) and final_key in results else None
-
-
-# A test hook: LAB2_PAUSE_AT=EPOCH:STEP[:NTH] makes the NTH (default 1st) training loop of the process that
-# reaches that step (1-based, within the epoch) print a line and wait (up to 10 minutes, or until a signal
-# asks the loop to stop), so that a test can stop it mid-epoch.
-_PAUSE_AT = [int(part) for part in os.environ.get('LAB2_PAUSE_AT', '').split(':') if part]
-_pause_hits = 0
-
-
-def pause_for_tests(epoch, step):
-    global _pause_hits
-    if _PAUSE_AT and (epoch, step) == tuple(_PAUSE_AT[:2]):
-        _pause_hits += 1
-        if _pause_hits == (_PAUSE_AT[2:] or [1])[0]:
-            print(f"paused at epoch {epoch}, step {step} (LAB2_PAUSE_AT)", flush=True)
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline and not cli.stop_requested():
-                time.sleep(0.05)

@@ -1,15 +1,18 @@
 """Command-line plumbing shared by every script: arguments, one-line errors, seeds, run folders, JSON,
-atomic writes, and stopping (Ctrl-C, SIGTERM) with a hint on how to resume."""
+atomic writes, progress bars, and stopping (Ctrl-C, SIGTERM) with a hint on how to resume."""
 import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import random
 import signal
 import sys
+import tempfile
 
 import numpy as np
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -33,6 +36,26 @@ def positive_int(text):
     return value
 
 
+def seed_value(text):
+    """A seed that NumPy and PyTorch both accept: an integer 0 <= seed < 2**32."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2**32 - 1, got {value}")
+    return value
+
+
+def run_name(text):
+    """A name for one folder: no path separators, not '.' or '..', at most 100 printable characters."""
+    if not text or len(text) > 100 or not text.isprintable() or text in ('.', '..') \
+            or any(sep in text for sep in ('/', os.sep)):
+        shown = text if len(text) <= 40 else text[:40] + '...'
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a folder name of 1 to 100 printable characters without '/'")
+    return text
+
+
 def _float(text, accept, requirement):
     try:
         value = float(text)
@@ -51,15 +74,16 @@ def non_negative_float(text):
     return _float(text, lambda value: value >= 0, 'a number >= 0')
 
 
-def add_common_args(parser, seed=42, resume=False):
+def add_common_args(parser, resume=False):
     """--data-dir, --save-dir, --run-name, --overwrite and --seed, the same in every script; --resume too for
     scripts that write checkpoints and read their flags with parse_args."""
     parser.add_argument('--data-dir', default=os.environ.get('DATA_DIR', 'data'),
                         help='folder holding the data sets (default: $DATA_DIR, else ./data)')
     parser.add_argument('--save-dir', default='runs', help='each run writes into <save-dir>/<run-name>/ (default: runs)')
-    parser.add_argument('--run-name', default=None, help='name of this run\'s folder (default: <script>-<date>-<time>)')
+    parser.add_argument('--run-name', type=run_name, default=None,
+                        help="name of this run's folder (default: <script>-<date>-<time>)")
     parser.add_argument('--overwrite', action='store_true', help='reuse an existing run folder of the same name')
-    parser.add_argument('--seed', type=int, default=seed, help=f'random seed (default: {seed})')
+    parser.add_argument('--seed', type=seed_value, default=42, help='random seed (default: 42)')
     if resume:
         parser.add_argument('--resume', metavar='RUN_DIR', default=None,
                             help='continue a stopped run from its last checkpoint, with the flags it was started '
@@ -73,11 +97,14 @@ def parse_args(parser, script, argv=None):
     """parser.parse_args(argv); with --resume RUN_DIR, the flags that run was started with instead.
 
     Flags given next to --resume must agree with the saved ones (--data-dir may differ: data can move).
-    Also refuses, before any work, a --run-name whose folder exists (without --overwrite).
+    Also refuses, before any work, a --save-dir that is not a folder and a --run-name whose folder exists
+    (without --overwrite).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.resume is None:
+        if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+            raise UserError(f"--save-dir {args.save_dir} is a file, not a folder")
         if args.run_name is not None and os.path.exists(os.path.join(args.save_dir, args.run_name)) \
                 and not args.overwrite:
             raise UserError(f"run folder {os.path.join(args.save_dir, args.run_name)} exists; pick another "
@@ -141,15 +168,22 @@ def open_run_dir(args, script, argv=None):
     return run_dir
 
 
-def make_run_dir(save_dir, run_name, script, overwrite=False):
-    """Creates <save_dir>/<run_name> and returns it; an existing folder is never reused silently."""
-    if run_name is None:
-        run_name = f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = os.path.join(save_dir, run_name)
-    if os.path.exists(run_dir) and not overwrite:
-        raise UserError(f"run folder {run_dir} exists; pick another --run-name or pass --overwrite")
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir
+def make_run_dir(save_dir, name, script, overwrite=False):
+    """Creates <save_dir>/<name> and returns it. The folder is claimed with one os.mkdir, so of two runs
+    started at once with the same name exactly one gets it; a default name (None) takes a free suffix."""
+    os.makedirs(save_dir, exist_ok=True)
+    base = name or f"{script}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    for attempt in range(1, 100):
+        run_dir = os.path.join(save_dir, base if attempt == 1 else f'{base}-{attempt}')
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:
+            if overwrite and os.path.isdir(run_dir):
+                return run_dir
+            if name is not None:
+                raise UserError(f"run folder {run_dir} exists; pick another --run-name or pass --overwrite")
+    raise UserError(f"no free run folder name {base}-N in {save_dir}")
 
 
 def seed_everything(seed):
@@ -159,14 +193,16 @@ def seed_everything(seed):
         sys.modules['torch'].manual_seed(seed)
 
 
-def atomic_write(path, write, mode='wb', **open_args):
-    """Calls write(file) on `path`.tmp, flushes it to the disk and renames it to `path`: a crash, a kill
-    or a full disk leaves the old file or the new one under that name, never half of one."""
-    tmp_path = path + '.tmp'
+def atomic_write(path, write):
+    """Calls write(tmp_path) for a new temporary file beside `path` (with its extension), flushes it to the
+    disk and renames it to `path`: a crash, a kill or a full disk leaves the old file or the new one under
+    that name, never half of one. The temporary name is unique, so two processes never share it."""
+    folder, name = os.path.split(path)
+    handle, tmp_path = tempfile.mkstemp(dir=folder or '.', prefix=f'.{name}.', suffix=os.path.splitext(name)[1])
+    os.close(handle)
     try:
-        with open(tmp_path, mode, **open_args) as f:
-            write(f)
-            f.flush()
+        write(tmp_path)
+        with open(tmp_path, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
@@ -174,24 +210,47 @@ def atomic_write(path, write, mode='wb', **open_args):
             os.remove(tmp_path)
         raise
     if os.name == 'posix':  # the rename itself reaches the disk with the folder's entry
-        folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
+        descriptor = os.open(folder or '.', os.O_RDONLY)
         try:
-            os.fsync(folder)
+            os.fsync(descriptor)
         finally:
-            os.close(folder)
+            os.close(descriptor)
+
+
+def write_text(path, text):
+    """Writes a text file atomically."""
+    def write(tmp_path):
+        with open(tmp_path, 'w') as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def write_json(path, obj):
-    """Writes JSON atomically: a reader never sees half a file."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_json_default) + '\n'), mode='w')
+    """Writes JSON atomically; NaN and infinities become null, so the file is always valid JSON."""
+    write_text(path, json.dumps(_finite(obj), indent=2, default=json_default, allow_nan=False) + '\n')
 
 
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return _finite(obj.tolist())
+    return obj
+
+
+def json_default(obj):
+    if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def progress_bar(total, **options):
+    """A tqdm bar on stderr, shown only when stderr is a terminal: a log file gets whole lines, never bars."""
+    return tqdm(total=total, leave=False, disable=None, dynamic_ncols=True, **options)
 
 
 class Terminated(KeyboardInterrupt):
@@ -255,13 +314,16 @@ class Interrupted(Exception):
 
 @contextlib.contextmanager
 def resume_hint(script, run_dir):
-    """Turns Ctrl-C / SIGTERM inside the block into Interrupted, saying how to resume the run in run_dir."""
+    """Turns Ctrl-C / SIGTERM inside the block into Interrupted, and a failed write (a full disk) into a
+    UserError, each saying how to resume the run in run_dir."""
+    hint = f"the last checkpoint is in {run_dir}; continue with: python {script}.py --resume {run_dir}"
     try:
         yield
     except KeyboardInterrupt as interrupt:
         signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}; the last checkpoint is in {run_dir}; "
-                          f"continue with: python {script}.py --resume {run_dir}", signum) from None
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; {hint}", signum) from None
+    except OSError as error:
+        raise UserError(f"{error}; {hint}") from None
 
 
 def run(main):
@@ -271,6 +333,9 @@ def run(main):
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         main()
+    except OSError as error:  # a full disk, a folder we may not write: one line too
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -284,59 +349,10 @@ def run(main):
 
 
 def torch_device(choice):
-    """--device cpu|cuda|auto -> torch.device; cuda without a GPU is a UserError, auto falls back and says so."""
+    """--device cpu|cuda|auto -> torch.device; cuda without a GPU is a UserError, auto falls back to the CPU."""
     import torch
     if choice == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
     if choice == 'auto':
         choice = 'cuda' if torch.cuda.is_available() else 'cpu'
-        if choice == 'cpu':
-            print("device auto: no CUDA GPU found, training on the CPU")
     return torch.device(choice)
-
-
-# ----------------------------------------------------------------------------- MNIST training flags (tasks 1-3)
-
-LAB_LR_POLICY = '1:0.1,3:0.01,5:0.001,7:0.0001'
-LAB_SWEEP = [1e-3, 1e-2, 1e-1]
-
-
-def parse_lr_policy(text):
-    """'1:0.1,3:0.01' -> {1: 0.1, 3: 0.01}: each learning rate holds from its epoch until the next entry."""
-    policy = {}
-    try:
-        for item in text.split(','):
-            epoch, lr = item.split(':')
-            policy[int(epoch)] = float(lr)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not of the form 'epoch:lr,epoch:lr,...', e.g. {LAB_LR_POLICY}")
-    if 1 not in policy:
-        raise argparse.ArgumentTypeError(f"{text!r} must give a learning rate for epoch 1")
-    if min(policy) < 1 or not all(lr > 0 and np.isfinite(lr) for lr in policy.values()):
-        raise argparse.ArgumentTypeError(f"{text!r}: epochs must be >= 1 and learning rates positive")
-    return dict(sorted(policy.items()))
-
-
-def lr_at(policy, epoch):
-    """The learning rate of `epoch` (1-based) under a policy from parse_lr_policy."""
-    return policy[max(start for start in policy if start <= epoch)]
-
-
-def add_mnist_training_args(parser, dtype='float32', weight_decay=None):
-    """The lab's MNIST training configuration, shared by train.py, train_l2reg.py and train_pytorch.py."""
-    parser.add_argument('--epochs', type=positive_int, default=8, help='number of epochs (default: 8)')
-    parser.add_argument('--batch-size', type=positive_int, default=50, help='mini-batch size (default: 50)')
-    parser.add_argument('--lr-policy', type=parse_lr_policy, default=parse_lr_policy(LAB_LR_POLICY),
-                        help=f"SGD learning rate per epoch as 'epoch:lr,...' (default: {LAB_LR_POLICY})")
-    parser.add_argument('--dtype', choices=['float32', 'float64'], default=dtype, help=f'(default: {dtype})')
-    parser.add_argument('--limit', type=positive_int, default=None,
-                        help='train on the first N training images only (quick runs)')
-    parser.add_argument('--no-shuffle', action='store_true',
-                        help='fixed data order: the same batches in every epoch and in every framework')
-    parser.add_argument('--valid-size', type=positive_int, default=5000,
-                        help='the last N training images are held out for validation (default: 5000)')
-    if weight_decay is not None:
-        parser.add_argument('--weight-decay', type=non_negative_float, default=weight_decay,
-                            help=f'L2 lambda on the conv1, conv2 and fc3 weights (default: {weight_decay})')
-        parser.add_argument('--sweep', type=non_negative_float, nargs='*', default=None,
-                            help=f'train one model per lambda and compare them (no values: the lab\'s {LAB_SWEEP})')

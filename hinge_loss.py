@@ -7,9 +7,10 @@
     python hinge_loss.py --resume runs/<run-name>      # go on after Ctrl-C or a kill: a finished loss is
                                                        # kept, the stopped one continues from its checkpoint
 
-The training itself is train_cifar.py's (train_cifar.py --loss hinge trains the same model); this file
-defines the loss and the comparison. The hinge model's scores are not probabilities: the figure of
-misclassified images shows their softmax for display only, and says so.
+The training itself is train_cifar.py's (train_model, with this file's loss); this file defines the loss
+and the comparison. With --compare the cross-entropy run uses train_cifar.py's learning rate, 0.1.
+The hinge model's scores are not probabilities: the figure of misclassified images shows their softmax
+for display only, and says so.
 
 Tuning: only the learning rate. The hinge loss sums up to C-1 = 9 margin terms per image, so its gradient
 is several times cross-entropy's, and at cross-entropy's lr 0.1 it diverges (CIFAR-10 JPEG stand-in,
@@ -18,6 +19,7 @@ accuracy); the default is 0.01. delta stays 1: with this unconstrained last laye
 rescales the scores.
 """
 import argparse
+import functools
 import os
 
 import torch
@@ -25,6 +27,10 @@ import torch.nn.functional as F
 
 import cli
 import plots
+import train_cifar
+
+SCRIPT = 'hinge_loss'
+HINGE_LR = 0.01  # its gradients are several times cross-entropy's: at train_cifar.py's 0.1 it diverges
 
 
 def multiclass_hinge_loss(logits: torch.Tensor, target: torch.Tensor, delta=1., reduction='mean'):
@@ -62,13 +68,13 @@ def multiclass_hinge_loss(logits: torch.Tensor, target: torch.Tensor, delta=1., 
     return per_example.mean()
 
 
-def _comparison_table(results):
+def comparison_table(results):
     """Markdown table of {run name: train_cifar results}: accuracies, epochs to best, speed, per-class recall."""
     class_names = list(next(iter(results.values()))['test']['recall'])
     header = ['run', 'lr', 'valid acc', 'test acc', 'epochs to best', 's/epoch'] + [f'recall {n}' for n in class_names]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for name, r in results.items():
-        cells = [name, f"{r['config']['lr']:g}", f"{r['valid']['accuracy']:.2%}", f"{r['test']['accuracy']:.2%}",
+        cells = [name, f"{r['config']['lr']:g}", f"{r['best_valid_acc']:.2%}", f"{r['test']['accuracy']:.2%}",
                  str(r['best_epoch']), f"{r['seconds_per_epoch']:.1f}"]
         cells += [f"{r['test']['recall'][c]:.1%}" for c in class_names]
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -76,36 +82,40 @@ def _comparison_table(results):
 
 
 def main(argv=None):
-    import train_cifar  # not at the top: train_cifar imports this file's loss
-
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_cifar.add_training_args(parser)
+    parser = train_cifar.make_parser(__doc__)
+    parser.set_defaults(lr=HINGE_LR)
+    parser.add_argument('--delta', type=cli.non_negative_float, default=1.0, help='the hinge margin (default: 1.0)')
     parser.add_argument('--compare', action='store_true',
                         help='also train with cross-entropy (same data, seed and schedule) and compare the two')
-    args = cli.parse_args(parser, 'hinge_loss', argv)
-    device = cli.torch_device(args.device)
-    dataset = train_cifar.load_data(args, device)
-    run_dir = cli.open_run_dir(args, 'hinge_loss', argv)
-    runs = {'hinge': 'hinge'} | ({'cross-entropy': 'ce'} if args.compare else {})
-    with cli.resume_hint('hinge_loss', run_dir):
-        results = {name: train_cifar.train(args, dataset, os.path.join(run_dir, loss), loss, device,
-                                           resume=args.resume is not None)
-                   for name, loss in runs.items()}
-    if not args.compare:
-        return
-    table = _comparison_table(results)
-    note = (f"{dataset['name']}; accuracies and test recalls of each run's best-validation model; "
+    args = cli.parse_args(parser, SCRIPT, argv)
+    dataset = train_cifar.load_data(args, cli.torch_device(args.device))
+    run_dir = cli.open_run_dir(args, SCRIPT, argv)
+    runs = {'hinge': (args, functools.partial(multiclass_hinge_loss, delta=args.delta), 'Multiclass hinge loss')}
+    if args.compare:
+        runs['cross-entropy'] = (argparse.Namespace(**{**vars(args), 'lr': train_cifar.LR}), F.cross_entropy,
+                                 'Cross-entropy loss')
+    results = {}
+    with cli.resume_hint(SCRIPT, run_dir):
+        for name, (run_args, loss_fn, loss_name) in runs.items():
+            sub_dir = cli.make_run_dir(run_dir, name, SCRIPT, overwrite=True)
+            results[name] = train_cifar.train_model(run_args, dataset, sub_dir, loss_fn, loss_name)
+    if args.compare:
+        compare(run_dir, results, dataset['name'], args.delta)
+
+
+def compare(run_dir, results, data_name, delta):
+    """compare.md (printed too), compare.json and compare.png of the hinge and the cross-entropy run."""
+    table = comparison_table(results)
+    note = (f"{data_name}; accuracies and test recalls of each run's best-validation model; "
             f"s/epoch is the training pass alone.")
     print(f"\n{table}\n\n{note}")
-    with open(os.path.join(run_dir, 'compare.md'), 'w') as f:
-        f.write(f"# Hinge loss (delta {args.delta}) vs cross-entropy\n\n{table}\n\n{note}\n")
-    cli.write_json(os.path.join(run_dir, 'compare.json'), {
-        'note': note, 'config': vars(args),
-        'runs': {name: {key: r[key] for key in ('loss', 'config', 'best_epoch', 'valid', 'test', 'seconds_per_epoch',
-                                                'images_per_second', 'history')} for name, r in results.items()}})
-    plots.plot_run_comparison(os.path.join(run_dir, 'compare.png'), {name: r['history'] for name, r in results.items()},
-                              {name: train_cifar.LOSS_TITLES[loss] for name, loss in runs.items()},
-                              title=f"Hinge loss (delta {args.delta}) vs cross-entropy")
+    cli.write_text(os.path.join(run_dir, 'compare.md'), f"# Hinge loss (delta {delta}) vs cross-entropy\n\n"
+                                                         f"{table}\n\n{note}\n")
+    cli.write_json(os.path.join(run_dir, 'compare.json'), {'note': note, 'runs': results})
+    plots.plot_run_comparison(os.path.join(run_dir, 'compare.png'),
+                              {name: plots.history(r['epochs']) for name, r in results.items()},
+                              {name: r['loss'] for name, r in results.items()},
+                              title=f"Hinge loss (delta {delta}) vs cross-entropy")
     print(f"wrote {run_dir}/compare.md, compare.json, compare.png")
 
 

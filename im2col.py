@@ -1,16 +1,17 @@
-"""im2col / col2im: the clear NumPy reference and the dispatch to the Cython build.
+"""im2col / col2im: the clear NumPy reference, and the compiled ones from im2col_cython.pyx.
 
-Layout (see im2col_cython.pyx): cols has one row per (channel, kernel row,
-kernel column) and one column per (image, output row, output column).
+Layout: cols has one row per (channel, kernel row, kernel column) and one
+column per (image, output row, output column).
 
-    cols = im2col(x, fh, fw, padding, stride)          # (C*fh*fw, N*out_h*out_w)
-    dx = col2im(cols, N, C, H, W, fh, fw, padding, stride)  # (N, C, H, W)
+    cols = im2col_cython(x, fh, fw, padding, stride)               # (N, C, H, W) -> (C*fh*fw, N*out_h*out_w)
+    dx = col2im_cython(cols, N, C, H, W, fh, fw, padding, stride)  # back to (N, C, H, W)
 
 col2im is the adjoint of im2col: <im2col(x), c> == <x, col2im(c)>.
 
-im2col_into / col2im_into write into a given array instead, e.g. a block of
-columns of a bigger cols matrix; layers.Convolution uses them to work through
-the batch a few images at a time.
+Where the extension is not built yet, the names im2col_cython and col2im_cython
+stand for the NumPy versions below (slower, same results), with a warning.
+im2col_into / col2im_into write into a given array instead (fast_layers.py's
+Convolution uses them on blocks of a few images).
 """
 import sys
 
@@ -63,13 +64,11 @@ def col2im_into_numpy(cols, dx, field_height, field_width, padding, stride):
 
 
 try:
-    import im2col_cython as kernels   # also holds the max-pooling kernels layers.MaxPooling uses
-    from im2col_cython import col2im_cython as col2im, col2im_into, im2col_cython as im2col, im2col_into
-    HAVE_CYTHON = True
+    import im2col_cython as kernels   # also holds the max-pooling kernels of fast_layers.MaxPooling
+    from im2col_cython import col2im_cython, col2im_into, im2col_cython, im2col_into
 except ImportError:
     print(f"warning: im2col_cython is not built, using the slow NumPy im2col; build it with: {BUILD_COMMAND}",
           file=sys.stderr)
     kernels = None
-    im2col, col2im = im2col_numpy, col2im_numpy
+    im2col_cython, col2im_cython = im2col_numpy, col2im_numpy
     im2col_into, col2im_into = im2col_into_numpy, col2im_into_numpy
-    HAVE_CYTHON = False

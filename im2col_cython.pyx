@@ -13,13 +13,8 @@ block of every row: the batch can be split between threads with no two threads
 touching the same cache line, and col2im needs no atomics.
 Padding is handled by index arithmetic; no padded copy of x is made.
 
-THREADS: every kernel takes num_threads (OpenMP), default 1, and releases the
-GIL. layers.py does not use OpenMP: it runs these kernels and the GEMMs next
-to them on its own Python threads, one fixed part of the batch each, with
-OpenBLAS single-threaded (see the end of layers.py). OpenMP's worker threads
-keep spinning for a while after each parallel loop, and next to OpenBLAS's
-pool they stole each other's cores: a training step of the lab net took ~10x
-longer on a loaded 2-core machine. num_threads=0 means "as OpenMP chooses".
+The kernels release the GIL, so fast_layers.py runs them on its own threads,
+one part of the batch each.
 
 The max-pooling kernels keep, per window, the index y * W + x of its maximum
 within the (H, W) plane; backward adds each window's gradient there.
@@ -28,16 +23,13 @@ import numpy as np
 
 cimport cython
 from cython cimport floating
-from cython.parallel cimport prange
 from libc.string cimport memcpy, memset
 
 
-def output_size(int size, int field, int padding, int stride):
-    """Spatial output size of a field sliding over `size` pixels."""
-    if field <= 0 or stride <= 0 or padding < 0:
-        raise ValueError(f"field ({field}) and stride ({stride}) must be positive, padding ({padding}) >= 0")
-    if size + 2 * padding < field:
-        raise ValueError(f"a {field}-wide field does not fit in {size} pixels with padding {padding}")
+cdef Py_ssize_t _output_size(Py_ssize_t size, int field, int padding, int stride) except -1:
+    """im2col.output_size, repeated here because im2col.py imports this module."""
+    if field <= 0 or stride <= 0 or padding < 0 or size + 2 * padding < field:
+        raise ValueError(f"a field of {field} with stride {stride} and padding {padding} does not fit {size} pixels")
     return (size + 2 * padding - field) // stride + 1
 
 
@@ -139,70 +131,67 @@ cdef void _col2im_image(const floating[:, :] cols, floating[:, :, :, ::1] dx, Py
 
 def _im2col_fill(const floating[:, :, :, ::1] x, floating[:, :] cols,
                  int field_height, int field_width, int padding, int stride,
-                 Py_ssize_t out_h, Py_ssize_t out_w, int num_threads):
+                 Py_ssize_t out_h, Py_ssize_t out_w):
     cdef Py_ssize_t n
     cdef bint same = stride == 1 and out_h == x.shape[2] and out_w == x.shape[3]
-    for n in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        if same:
-            _im2col_image_same(x, cols, n, field_height, field_width, padding)
-        else:
-            _im2col_image(x, cols, n, field_height, field_width, padding, stride, out_h, out_w)
+    with nogil:
+        for n in range(x.shape[0]):
+            if same:
+                _im2col_image_same(x, cols, n, field_height, field_width, padding)
+            else:
+                _im2col_image(x, cols, n, field_height, field_width, padding, stride, out_h, out_w)
 
 
 def _col2im_fill(const floating[:, :] cols, floating[:, :, :, ::1] dx,
                  int field_height, int field_width, int padding, int stride,
-                 Py_ssize_t out_h, Py_ssize_t out_w, int num_threads):
+                 Py_ssize_t out_h, Py_ssize_t out_w):
     cdef Py_ssize_t n
-    for n in prange(dx.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        _col2im_image(cols, dx, n, field_height, field_width, padding, stride, out_h, out_w)
+    with nogil:
+        for n in range(dx.shape[0]):
+            _col2im_image(cols, dx, n, field_height, field_width, padding, stride, out_h, out_w)
 
 
-def im2col_cython(x, int field_height, int field_width, int padding, int stride, int num_threads=1):
-    """(N, C, H, W) -> cols (C*fh*fw, N*out_h*out_w), same dtype as x.
-
-    num_threads=0 lets OpenMP choose (OMP_NUM_THREADS or all cores); see THREADS above.
-    """
+def im2col_cython(x, int field_height, int field_width, int padding, int stride):
+    """(N, C, H, W) -> cols (C*fh*fw, N*out_h*out_w), same dtype as x."""
     x = np.ascontiguousarray(x)
     _check_images(x, 'im2col')
     N, C, H, W = x.shape
-    out_h = output_size(H, field_height, padding, stride)
-    out_w = output_size(W, field_width, padding, stride)
+    out_h = _output_size(H, field_height, padding, stride)
+    out_w = _output_size(W, field_width, padding, stride)
     cols = np.empty((C * field_height * field_width, N * out_h * out_w), dtype=x.dtype)
-    im2col_into(x, cols, field_height, field_width, padding, stride, num_threads)
+    im2col_into(x, cols, field_height, field_width, padding, stride)
     return cols
 
 
-def im2col_into(x, cols, int field_height, int field_width, int padding, int stride, int num_threads=1):
+def im2col_into(x, cols, int field_height, int field_width, int padding, int stride):
     """im2col written into `cols`, which may be a block of columns of a bigger matrix (rows must be contiguous)."""
     x = np.ascontiguousarray(x)
     _check_images(x, 'im2col')
     N, C, H, W = x.shape
-    out_h = output_size(H, field_height, padding, stride)
-    out_w = output_size(W, field_width, padding, stride)
+    out_h = _output_size(H, field_height, padding, stride)
+    out_w = _output_size(W, field_width, padding, stride)
     _check_cols(cols, (C * field_height * field_width, N * out_h * out_w), x.dtype, 'im2col')
-    _im2col_fill(x, cols, field_height, field_width, padding, stride, out_h, out_w,
-                 num_threads if num_threads > 0 else _default_threads())
+    _im2col_fill(x, cols, field_height, field_width, padding, stride, out_h, out_w)
 
 
 def col2im_cython(cols, int N, int C, int H, int W, int field_height, int field_width,
-                  int padding, int stride, int num_threads=1):
+                  int padding, int stride):
     """Adjoint of im2col: sums every column entry back onto its pixel -> (N, C, H, W)."""
     dx = np.empty((N, C, H, W), dtype=cols.dtype)
-    col2im_into(cols, dx, field_height, field_width, padding, stride, num_threads)
+    col2im_into(cols, dx, field_height, field_width, padding, stride)
     return dx
 
 
-def col2im_into(cols, dx, int field_height, int field_width, int padding, int stride, int num_threads=1):
+def col2im_into(cols, dx, int field_height, int field_width, int padding, int stride):
     """col2im written into (overwriting) the C-contiguous (N, C, H, W) array dx."""
     _check_images(dx, 'col2im')
     if not dx.flags.c_contiguous:
         raise ValueError("col2im needs a C-contiguous output array")
     N, C, H, W = dx.shape
-    out_h = output_size(H, field_height, padding, stride)
-    out_w = output_size(W, field_width, padding, stride)
+    out_h = _output_size(H, field_height, padding, stride)
+    out_w = _output_size(W, field_width, padding, stride)
     _check_cols(cols, (C * field_height * field_width, N * out_h * out_w), dx.dtype, 'col2im')
-    _col2im_fill(cols, dx, field_height, field_width, padding, stride, out_h, out_w,
-                 num_threads if num_threads > 0 else _default_threads())
+    _col2im_fill(cols, dx, field_height, field_width, padding, stride, out_h, out_w)
 
 
 def _check_images(x, what):
@@ -250,23 +239,24 @@ cdef void _max_pool_plane(const floating *x, floating *out, int *argmax, Py_ssiz
 
 
 def _max_pool_fill(const floating[:, :, ::1] x, floating[:, :, ::1] out, int[:, :, ::1] argmax,
-                   int pool_size, int stride, int num_threads):
+                   int pool_size, int stride):
     cdef Py_ssize_t plane
-    for plane in prange(x.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        _max_pool_plane(&x[plane, 0, 0], &out[plane, 0, 0], &argmax[plane, 0, 0], x.shape[1], x.shape[2],
-                        out.shape[1], out.shape[2], pool_size, stride)
+    with nogil:
+        for plane in range(x.shape[0]):
+            _max_pool_plane(&x[plane, 0, 0], &out[plane, 0, 0], &argmax[plane, 0, 0], x.shape[1], x.shape[2],
+                            out.shape[1], out.shape[2], pool_size, stride)
 
 
-def _max_pool_backward_fill(const floating[:, ::1] grad_out, const int[:, ::1] argmax, floating[:, ::1] dx,
-                            int num_threads):
+def _max_pool_backward_fill(const floating[:, ::1] grad_out, const int[:, ::1] argmax, floating[:, ::1] dx):
     cdef Py_ssize_t plane, k
-    for plane in prange(dx.shape[0], nogil=True, schedule='static', num_threads=num_threads):
-        memset(&dx[plane, 0], 0, dx.shape[1] * sizeof(floating))
-        for k in range(grad_out.shape[1]):
-            dx[plane, argmax[plane, k]] += grad_out[plane, k]   # '+=': overlapping windows share pixels
+    with nogil:
+        for plane in range(dx.shape[0]):
+            memset(&dx[plane, 0], 0, dx.shape[1] * sizeof(floating))
+            for k in range(grad_out.shape[1]):
+                dx[plane, argmax[plane, k]] += grad_out[plane, k]   # '+=': overlapping windows share pixels
 
 
-def max_pool_forward(x, int pool_size, int stride, int num_threads=1):
+def max_pool_forward(x, int pool_size, int stride):
     """(N, C, H, W) -> out (N, C, H', W') and argmax (N, C, H', W') int32.
 
     argmax holds, for each window, the flat index y * W + x within its (H, W) plane of
@@ -274,33 +264,33 @@ def max_pool_forward(x, int pool_size, int stride, int num_threads=1):
     """
     x = np.ascontiguousarray(x)
     N, C, H, W = x.shape
-    out_h = output_size(H, pool_size, 0, stride)
-    out_w = output_size(W, pool_size, 0, stride)
+    out_h = _output_size(H, pool_size, 0, stride)
+    out_w = _output_size(W, pool_size, 0, stride)
     out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
     argmax = np.empty((N, C, out_h, out_w), dtype=np.int32)
-    max_pool_forward_into(x, out, argmax, pool_size, stride, num_threads)
+    max_pool_forward_into(x, out, argmax, pool_size, stride)
     return out, argmax
 
 
-def max_pool_forward_into(x, out, argmax, int pool_size, int stride, int num_threads=1):
+def max_pool_forward_into(x, out, argmax, int pool_size, int stride):
     """max_pool_forward written into the C-contiguous arrays out and argmax (e.g. a slice of the batch)."""
     N, C, H, W = x.shape
-    out_h, out_w = output_size(H, pool_size, 0, stride), output_size(W, pool_size, 0, stride)
+    out_h, out_w = _output_size(H, pool_size, 0, stride), _output_size(W, pool_size, 0, stride)
     _check_pool_arrays(out, argmax, (N, C, out_h, out_w), x.dtype)
     _max_pool_fill(np.ascontiguousarray(x).reshape(N * C, H, W), out.reshape(N * C, out_h, out_w),
                    argmax.reshape(N * C, out_h, out_w), pool_size, stride,
-                   num_threads if num_threads > 0 else _default_threads())
+                   )
 
 
-def max_pool_backward(grad_out, argmax, int H, int W, int num_threads=1):
+def max_pool_backward(grad_out, argmax, int H, int W):
     """Routes each window's gradient to its maximum: (N, C, H', W') -> (N, C, H, W)."""
     N, C = grad_out.shape[:2]
     dx = np.empty((N, C, H, W), dtype=grad_out.dtype)
-    max_pool_backward_into(grad_out, argmax, dx, num_threads)
+    max_pool_backward_into(grad_out, argmax, dx)
     return dx
 
 
-def max_pool_backward_into(grad_out, argmax, dx, int num_threads=1):
+def max_pool_backward_into(grad_out, argmax, dx):
     """max_pool_backward written into (overwriting) the C-contiguous (N, C, H, W) array dx."""
     grad_out = np.ascontiguousarray(grad_out)
     N, C, out_h, out_w = grad_out.shape
@@ -310,7 +300,7 @@ def max_pool_backward_into(grad_out, argmax, dx, int num_threads=1):
         raise ValueError(f"dx must be a C-contiguous {grad_out.dtype} array of shape ({N}, {C}, H, W), "
                          f"got {dx.dtype} {dx.shape}")
     _max_pool_backward_fill(grad_out.reshape(N * C, out_h * out_w), np.ascontiguousarray(argmax).reshape(N * C, -1),
-                            dx.reshape(N * C, -1), num_threads if num_threads > 0 else _default_threads())
+                            dx.reshape(N * C, -1), )
 
 
 def _check_pool_arrays(out, argmax, shape, dtype):
@@ -319,19 +309,3 @@ def _check_pool_arrays(out, argmax, shape, dtype):
     if argmax.shape != shape or argmax.dtype != np.int32 or not argmax.flags.c_contiguous:
         raise ValueError(f"argmax must be a C-contiguous int32 array of shape {shape}, "
                          f"got {argmax.dtype} {argmax.shape}")
-
-
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #include <omp.h>
-    static int _omp_max_threads(void) { return omp_get_max_threads(); }
-    #else
-    static int _omp_max_threads(void) { return 1; }
-    #endif
-    """
-    int _omp_max_threads() nogil
-
-
-def _default_threads():
-    return _omp_max_threads()

@@ -71,6 +71,14 @@ def evaluate(model, x, y, loss_fn=F.cross_entropy, batch_size=500):
     return scores_from_logits(predict_logits(model, x, batch_size), y, loss_fn)
 
 
+def summary(scores, class_names):
+    """evaluate()'s dict -> JSON-friendly: per-class scores keyed by class name."""
+    return {'loss': scores['loss'], 'accuracy': scores['accuracy'],
+            'macro_precision': scores['macro_precision'], 'macro_recall': scores['macro_recall'],
+            'precision': dict(zip(class_names, scores['precision'])),
+            'recall': dict(zip(class_names, scores['recall'])), 'confusion': scores['confusion']}
+
+
 def format_scores(scores, class_names, title=''):
     """A readable report of evaluate()'s dict: totals, then a per-class precision/recall table and
     the confusion matrix with class names (rows: true class, columns: predicted)."""

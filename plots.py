@@ -1,4 +1,8 @@
-"""Figures shared by the scripts: filter grids and training curves, saved as PNG."""
+"""Figures shared by the scripts, saved as PNG (atomically): filter grids, training curves, images.
+
+The lab's own functions are here under the lab's names and signatures: draw_conv_filters(epoch, step,
+weights, save_dir), plot_training_progress(save_dir, data) and draw_image(img, mean, std).
+"""
 import math
 import os
 
@@ -8,6 +12,8 @@ matplotlib.use("Agg")  # scripts run headless; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import skimage.io  # noqa: E402
+
+import cli  # noqa: E402
 
 
 def filter_grid(weights, cols=8, border=1, scale=8):
@@ -34,7 +40,22 @@ def filter_grid(weights, cols=8, border=1, scale=8):
 
 
 def save_filter_grid(path, weights, **grid_options):
-    skimage.io.imsave(path, filter_grid(weights, **grid_options), check_contrast=False)
+    image = filter_grid(weights, **grid_options)
+    cli.atomic_write(path, lambda tmp_path: skimage.io.imsave(tmp_path, image, check_contrast=False))
+
+
+def draw_conv_filters(epoch, step, weights, save_dir, prefix='conv1'):
+    """The lab's function: conv filters (F, C, k, k) as '<prefix>_epoch_EE_step_SSSSSS.png' in save_dir."""
+    path = os.path.join(save_dir, '%s_epoch_%02d_step_%06d.png' % (prefix, epoch, step))
+    save_filter_grid(path, weights)
+    return path
+
+
+def draw_image(img, mean, std):
+    """The lab's function: one normalised image (3, H, W) -> uint8 RGB (H, W, 3), normalisation undone.
+    mean and std (3,) are per channel on the [0, 1] scale (data.prepare_cifar10)."""
+    rgb = img.transpose(1, 2, 0) * std + mean
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
 def _plot_curves(ax, history, key, panel_title):
@@ -62,38 +83,51 @@ def _save(fig, path, title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    cli.atomic_write(path, lambda tmp_path: fig.savefig(tmp_path, dpi=100))
     plt.close(fig)
     return os.path.abspath(path)
 
 
-def plot_training_progress(path, history, title=None):
-    """The lab's figure: loss, accuracy and (if recorded) learning rate per epoch, train vs validation.
-
-    history: lists keyed train_loss, valid_loss, train_acc, valid_acc and optionally lr.
-    """
-    panels = [("Cross-entropy loss", "loss"), ("Accuracy", "acc")] + ([("Learning rate", "lr")] if history.get("lr") else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (panel_title, key) in zip(axes, panels):
-        _plot_curves(ax, history, key, panel_title)
-    return _save(fig, path, title)
+def history(records, keys=("train_loss", "valid_loss", "train_acc", "valid_acc", "lr", "reg_loss",
+                           "valid_precision", "valid_recall")):
+    """checkpoint.Run's per-epoch records -> the lab's plot data: {key: [value of each epoch]}."""
+    return {key: [record[key] for record in records] for key in keys if records and key in records[0]}
 
 
-def plot_progress_2x2(path, history, loss_title="Cross-entropy loss", title=None):
-    """The lab's 2x2 CIFAR figure: loss, accuracy and learning rate per epoch (train vs validation),
-    and in the panel the lab leaves empty the validation macro-averaged precision and recall.
+def plot_training_progress(save_dir, data, loss_name="Cross-entropy loss", title=None):
+    """The lab's figure, saved as <save_dir>/training_plot.png: per epoch, the data loss and the accuracy
+    (train vs validation) and the learning rate; a fourth panel shows the validation macro precision and
+    recall where data has them, and the L2 term of the loss where it is on (not part of the loss panel).
 
-    history: lists keyed train_loss, valid_loss, train_acc, valid_acc, lr, valid_macro_precision, valid_macro_recall.
+    data: lists keyed train_loss, valid_loss (the data loss alone), train_acc, valid_acc, lr, and
+    optionally reg_loss, valid_precision, valid_recall (history() makes it from checkpoint.Run's records).
     """
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for ax, (panel_title, key) in zip(axes.flat, [(loss_title, "loss"), ("Accuracy", "acc"), ("Learning rate", "lr")]):
-        _plot_curves(ax, history, key, panel_title)
+    l2 = any(data.get("reg_loss", []))
+    for ax, (panel_title, key) in zip(axes.flat, [(loss_name + (" (data term, without L2)" if l2 else ""), "loss"),
+                                                  ("Accuracy", "acc"), ("Learning rate", "lr")]):
+        _plot_curves(ax, data, key, panel_title)
     ax = axes[1, 1]
-    for key, color in (("valid_macro_precision", "tab:blue"), ("valid_macro_recall", "tab:orange")):
-        values = history.get(key, [])
-        ax.plot(np.arange(1, len(values) + 1), values, marker="o", color=color, label=key.split("_")[-1])
-    ax.legend()
-    _epoch_axis(ax, "Validation macro-averaged precision and recall")
+    if "valid_precision" in data:
+        for key, color in (("valid_precision", "tab:blue"), ("valid_recall", "tab:orange")):
+            ax.plot(np.arange(1, len(data[key]) + 1), data[key], marker="o", color=color, label=key.split("_")[-1])
+        ax.legend()
+        _epoch_axis(ax, "Validation macro-averaged precision and recall")
+    elif l2:
+        ax.plot(np.arange(1, len(data["reg_loss"]) + 1), data["reg_loss"], marker="o", color="tab:green")
+        _epoch_axis(ax, "L2 term (lambda/2) * sum of squared weights")
+    else:
+        ax.axis("off")
+    return _save(fig, os.path.join(save_dir, "training_plot.png"), title)
+
+
+def save_filter_panels(path, panels, title=None):
+    """Filter grids side by side: panels is a list of (title, filters (F, C, k, k)); each grid scaled alone."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4), squeeze=False)
+    for ax, (panel_title, filters) in zip(axes.flat, panels):
+        ax.imshow(filter_grid(filters, cols=4), cmap="gray", interpolation="nearest")
+        ax.set_title(panel_title, fontsize=9)
+        ax.axis("off")
     return _save(fig, path, title)
 
 

@@ -1,85 +1,82 @@
 """Lab 2, task 4: the lab's convolutional model on CIFAR-10, in PyTorch.
 
-    python train_cifar.py --data-dir data        # the lab's run: 8 epochs, ~70% validation accuracy
-    python train_cifar.py --resume runs/<run-name>   # go on after Ctrl-C or a kill, from the last epoch
+    python train_cifar.py --data-dir data              # the lab's run: 8 epochs, ~70% validation accuracy
+    python train_cifar.py --data-dir data --weight-decay 1e-4   # the lambda of the lab's filter figure
+    python train_cifar.py --resume runs/<run-name>     # go on after Ctrl-C or a kill
 
 Model (the lab's):  conv(16,5) -> relu -> pool(3,2) -> conv(32,5) -> relu -> pool(3,2)
                     -> fc(256) -> relu -> fc(128) -> relu -> fc(10)
-The lab does not say whether the 5x5 convolutions are padded. --padding 2 (default) keeps 32x32 maps,
-so the second conv and the classifier see more of every image; it reaches ~70% like the lab's
-plot, and padding 0 loses a quarter of each map's area per conv. The 3x3/2 max-pools floor (PyTorch's
-default ceil_mode=False): n pixels -> (n - 3) // 2 + 1. Shapes per image:
+Shapes per image, with --padding 2 (the default) and 0:
     padding 2:  3x32x32 -> conv1 16x32x32 -> pool 16x15x15 -> conv2 32x15x15 -> pool 32x7x7 -> 1568 -> 256 -> 128 -> 10
     padding 0:  3x32x32 -> conv1 16x28x28 -> pool 16x13x13 -> conv2 32x9x9   -> pool 32x4x4 -> 512  -> 256 -> 128 -> 10
+(3x3/2 max-pools floor, PyTorch's default: n pixels -> (n - 3) // 2 + 1.)
 
-Training: plain SGD with L2 weight decay (on every parameter, as torch.optim.SGD applies it), mini-batches
-of 50, the learning rate multiplied by --gamma after every epoch (ExponentialLR). After each epoch the
-model is evaluated on the training and validation sets; the lab's progress figure, the conv1 filters and
-results.json are rewritten, and the best-validation model is saved. At the end that model is tested.
+Settings the lab leaves open, chosen here (README.md compares them with the alternatives):
+    --padding 2       the lab does not say; 2 keeps 32x32 maps, so conv2 and the classifier see more of each image
+    --lr 0.1          the lab gives none; with --gamma 0.7 (ExponentialLR, which the lab suggests) it decays
+                      to 0.008 in epoch 8
+    --weight-decay    1e-3 on the weights, not the biases (as L2 in tasks 2 and 3); the lab's filter figure
+                      is for 1e-4
+    --batch-size 50   as in the lab's progress figure
+After each epoch, evaluate() scores the model on the training and validation sets (loss, accuracy, macro
+precision and recall, all from the confusion matrix); the best-validation model is kept and tested at the end.
 
 Writes into <save-dir>/<run-name>/:
-    training_progress.png    loss, accuracy, learning rate (train vs validation) and validation macro P/R per epoch
-    conv1_epoch_00.png ...   conv1's filters as RGB, at initialisation and after every epoch
+    training_plot.png        the lab's figure: loss, accuracy, learning rate, validation macro P/R per epoch
+    conv1_epoch_EE_step_SSSSSS.png   conv1's filters as RGB, at initialisation and after every epoch
     confusion_matrix.png     test confusion matrix of the best-validation model
     misclassified.png        the 20 misclassified test images with the highest loss, with the top-3 classes
+                             (also printed, and in results.json under 'worst_mistakes')
     best_model.pt            state_dict of the best-validation model (torch.load(..., weights_only=True))
-    results.json             config, per-epoch metrics, test scores, per-class precision/recall, speed
-    checkpoint.pt            after every epoch and on Ctrl-C / SIGTERM: model, optimizer, scheduler, RNG states,
-                             results so far
-                             (weights_only=True too); --resume continues from it bit for bit
-    config.json              the command line, which --resume reads
+    results.json             config, per-epoch scores, test scores, per-class precision and recall, speed
+    checkpoint.pt            after every epoch and on Ctrl-C / SIGTERM, what --resume continues from
 """
 import argparse
-import functools
-import json
 import os
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import checkpoint
 import cli
 import data
 import metrics
 import plots
-from hinge_loss import multiclass_hinge_loss
 
-LOSS_TITLES = {'ce': 'Cross-entropy loss', 'hinge': 'Multiclass hinge loss'}
-DEFAULT_LR = {'ce': 0.1, 'hinge': 0.01}
+SCRIPT = 'train_cifar'
+EPOCHS, BATCH_SIZE, LR, GAMMA, WEIGHT_DECAY, PADDING = 8, 50, 0.1, 0.7, 1e-3, 2
 
 
-def add_training_args(parser):
-    """Everything but the loss: shared with hinge_loss.py, so both train exactly the same way."""
+def make_parser(description=__doc__):
+    """train_cifar.py's flags; hinge_loss.py adds its own to them."""
+    parser = cli.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_common_args(parser, resume=True)
-    parser.add_argument('--epochs', type=cli.positive_int, default=8, help='number of epochs (default: 8)')
-    parser.add_argument('--batch-size', type=cli.positive_int, default=50, help='mini-batch size (default: 50)')
-    parser.add_argument('--lr', type=cli.positive_float, default=None,
-                        help='SGD learning rate of the first epoch (default: 0.1 with cross-entropy, 0.01 with '
-                             'the hinge loss, whose gradients are ~7x larger: at 0.1 it diverges)')
-    parser.add_argument('--gamma', type=cli.positive_float, default=0.7,
-                        help='ExponentialLR: the learning rate is multiplied by this after every epoch (default: 0.7)')
-    parser.add_argument('--weight-decay', type=cli.non_negative_float, default=1e-3,
-                        help='L2 weight decay of SGD (default: 1e-3)')
-    parser.add_argument('--padding', type=int, choices=[0, 1, 2], default=2,
-                        help='zero padding of both 5x5 convolutions; 2 keeps 32x32 maps, see above (default: 2)')
-    parser.add_argument('--delta', type=cli.non_negative_float, default=1.0,
-                        help='margin of the hinge loss (default: 1.0)')
+    parser.add_argument('--epochs', type=cli.positive_int, default=EPOCHS, help=f'(default: {EPOCHS})')
+    parser.add_argument('--batch-size', type=cli.positive_int, default=BATCH_SIZE, help=f'(default: {BATCH_SIZE})')
+    parser.add_argument('--lr', type=cli.positive_float, default=LR,
+                        help=f'SGD learning rate of the first epoch (default: {LR})')
+    parser.add_argument('--gamma', type=cli.positive_float, default=GAMMA,
+                        help=f'ExponentialLR: the learning rate is multiplied by this after every epoch (default: {GAMMA})')
+    parser.add_argument('--weight-decay', type=cli.non_negative_float, default=WEIGHT_DECAY,
+                        help=f'L2 lambda on the conv and fc weights, as SGD weight decay (default: {WEIGHT_DECAY})')
+    parser.add_argument('--padding', type=int, choices=[0, 1, 2], default=PADDING,
+                        help=f'zero padding of both 5x5 convolutions; 2 keeps 32x32 maps (default: {PADDING})')
     parser.add_argument('--valid-size', type=cli.positive_int, default=5000,
                         help='random training images (seeded) held out for validation (default: 5000)')
     parser.add_argument('--limit', type=cli.positive_int, default=None,
                         help='train on the first N training images only (quick runs)')
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                         help='auto: the GPU if there is one, else the CPU (default: auto)')
+    return parser
 
 
 class ConvNet(nn.Module):
     """The lab's CIFAR-10 model; input (N, 3, 32, 32) normalised images -> logits (N, num_classes)."""
 
-    def __init__(self, padding=2, num_classes=10):
+    def __init__(self, padding=PADDING, num_classes=10):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, kernel_size=5, padding=padding)
         self.conv2 = nn.Conv2d(16, 32, kernel_size=5, padding=padding)
@@ -99,11 +96,6 @@ class ConvNet(nn.Module):
         return self.logits(x)
 
 
-def make_loss(name, delta):
-    """'ce' | 'hinge' -> loss_fn(logits, y, reduction='mean'|'none')."""
-    return F.cross_entropy if name == 'ce' else functools.partial(multiclass_hinge_loss, delta=delta)
-
-
 def load_data(args, device):
     """The lab's split and normalisation (data.prepare_cifar10) as tensors on `device`, --limit applied."""
     prepared = data.prepare_cifar10(args.data_dir, valid_size=args.valid_size, seed=args.seed)
@@ -111,191 +103,133 @@ def load_data(args, device):
                ('train_x', 'train_y', 'valid_x', 'valid_y', 'test_x', 'test_y')}
     if args.limit:
         dataset['train_x'], dataset['train_y'] = dataset['train_x'][:args.limit], dataset['train_y'][:args.limit]
+    if len(dataset['train_y']) < args.batch_size:
+        raise cli.UserError(f"--batch-size {args.batch_size} is larger than the {len(dataset['train_y'])} "
+                            f"training images")
     dataset.update({key: prepared[key] for key in ('mean', 'std', 'class_names', 'originals')})
     # every number measured on the stand-in must say so
     dataset['name'] = 'CIFAR-10' if prepared['originals'] else 'CIFAR-10 (JPEG stand-in)'
     print(f"{os.path.join(args.data_dir, data.CIFAR_FOLDER)}: "
           f"{'' if prepared['originals'] else 'not the published files (MD5s differ), accepted by their structure; '}"
           f"{len(dataset['train_x'])} training, {len(dataset['valid_x'])} validation, "
-          f"{len(dataset['test_x'])} test images")
+          f"{len(dataset['test_x'])} test images, on {device}")
     return dataset
 
 
-def batch_loader(x, y, batch_size, generator):
-    """Shuffled mini-batches of in-memory tensors. The BatchSampler hands the dataset a whole batch of
-    indices at once, so a batch is one indexing operation, as with plain slicing (batch_size=None turns
-    off per-sample fetching and collating, which takes twice as long; either way it is a small
-    fraction of a second per epoch, next to the ~18 s of training)."""
-    dataset = TensorDataset(x, y)
-    sampler = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
-    return DataLoader(dataset, sampler=sampler, batch_size=None)
+def train_epoch(model, loader, optimizer, loss_fn, run):
+    """One epoch of SGD on the loader's mini-batches."""
+    model.train()
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        run.check_loss(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
-def summary(scores, class_names):
-    """evaluate()'s dict -> JSON-friendly, per-class scores keyed by class name."""
-    return {'loss': scores['loss'], 'accuracy': scores['accuracy'],
-            'macro_precision': scores['macro_precision'], 'macro_recall': scores['macro_recall'],
-            'precision': dict(zip(class_names, scores['precision'])),
-            'recall': dict(zip(class_names, scores['recall'])), 'confusion': scores['confusion']}
+def evaluate(model, x, y, loss_fn):
+    """The lab's evaluate: forward passes only (torch.no_grad), the confusion matrix of the predicted and true
+    classes, and from it accuracy and per-class and macro precision and recall; also the mean loss.
+    x (N, 3, 32, 32), y (N,) -> metrics.scores_from_logits' dict."""
+    return metrics.evaluate(model, x, y, loss_fn)
 
 
-def worst_mistakes(logits, y, loss_fn, count):
-    """Indices of the (at most) `count` misclassified examples with the highest loss, highest first."""
+def worst_mistakes(logits, y, loss_fn, class_names, count=20):
+    """The `count` misclassified examples with the highest loss, highest first: dicts of their index, true
+    class, loss and the three classes of highest softmax probability. logits (N, C), y (N,)."""
     losses = loss_fn(logits, y, reduction='none')
     wrong = torch.nonzero(logits.argmax(dim=1) != y).flatten()
-    return wrong[losses[wrong].argsort(descending=True)[:count]]
-
-
-def save_misclassified(path, logits, dataset, loss_fn, loss, count=20):
-    """The `count` misclassified test images with the highest loss, each titled with its true class and
-    the model's three top classes with their softmax probabilities; logits (N, C) of the test images."""
-    y = dataset['test_y'].cpu()
-    worst = worst_mistakes(logits, y, loss_fn, count)
+    worst = wrong[losses[wrong].argsort(descending=True)[:count]]
     top_p, top_class = F.softmax(logits[worst], dim=1).topk(3, dim=1)
-    names = dataset['class_names']
-    titles = [f"true: {names[y[i]]}\n" + '\n'.join(f"{names[c]} {p:.2f}" for p, c in zip(ps.tolist(), cs.tolist()))
-              for i, ps, cs in zip(worst.tolist(), top_p, top_class)]
-    images = data.denormalise(dataset['test_x'][worst].cpu().numpy(), dataset['mean'], dataset['std'])
-    title = (f"{dataset['name']}: the {len(worst)} misclassified test images with the highest "
-             f"{LOSS_TITLES[loss].lower()}; true class and top-3 predictions")
-    if loss == 'hinge':
-        title += "\n(softmax of the hinge model's scores, for display only: they are not probabilities)"
-    plots.save_image_grid(path, images, titles, title=title)
+    return [{'index': i, 'true': class_names[y[i]], 'loss': losses[i].item(),
+             'top3': [[class_names[c], p] for c, p in zip(classes.tolist(), probabilities.tolist())]}
+            for i, probabilities, classes in zip(worst.tolist(), top_p, top_class)]
 
 
-def train(args, dataset, run_dir, loss, device, resume=False):
-    """Trains, evaluates and tests one model with loss 'ce' or 'hinge'; writes run_dir; returns results.json's dict.
+def format_mistake(mistake):
+    top3 = ', '.join(f"{name} {p:.2f}" for name, p in mistake['top3'])
+    return f"{mistake['index']:5d}: {mistake['true']:10s} loss {mistake['loss']:7.3f}; top 3: {top3}"
 
-    Writes checkpoint.pt before the first epoch, after every epoch and when Ctrl-C or SIGTERM stops it
-    between two steps. With resume=True a run that finished in run_dir is read back, and an unfinished
-    one continues from its checkpoint.pt.
-    """
-    os.makedirs(run_dir, exist_ok=True)
-    finished = resume and checkpoint.finished_results(run_dir, 'test')
-    if finished:
-        print(f"{run_dir} finished already: test accuracy {finished['test']['accuracy']:.2%}")
-        return finished
-    checkpoint_path = os.path.join(run_dir, checkpoint.PT)
-    state = checkpoint.load_torch(checkpoint_path) if resume and os.path.exists(checkpoint_path) else None
-    cli.seed_everything(args.seed)  # the same initial weights and batch order for every loss
-    loss_fn = make_loss(loss, args.delta)
-    train_x, train_y = dataset['train_x'], dataset['train_y']
-    class_names = dataset['class_names']
-    lr = args.lr or DEFAULT_LR[loss]
-    model = ConvNet(args.padding, len(class_names)).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+
+def train_model(args, dataset, run_dir, loss_fn=F.cross_entropy, loss_name='Cross-entropy loss'):
+    """Trains, evaluates and tests one model with loss_fn(logits, y, reduction='mean'|'none'); writes run_dir;
+    returns the results. With --resume, a finished run is read back and an unfinished one goes on."""
+    cli.seed_everything(args.seed)  # the same initial weights for every loss
+    model = ConvNet(args.padding, len(dataset['class_names'])).to(dataset['train_x'].device)
+    weights = [p for name, p in model.named_parameters() if name.endswith('weight')]
+    biases = [p for name, p in model.named_parameters() if name.endswith('bias')]
+    optimizer = torch.optim.SGD([{'params': weights, 'weight_decay': args.weight_decay},
+                                 {'params': biases, 'weight_decay': 0.0}], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.gamma)
-    generator = torch.Generator().manual_seed(args.seed)
-    loader = batch_loader(train_x, train_y, args.batch_size, generator)
+    data_info = {key: dataset[key] for key in ('name', 'originals', 'mean', 'std')} | {
+        f'num_{split}': len(dataset[f'{split}_y']) for split in ('train', 'valid', 'test')}
+    run = checkpoint.Run(run_dir, args.seed, args.resume is not None,
+                         results={'config': vars(args), 'data': data_info, 'loss': loss_name},
+                         state_dicts={'model': model, 'optimizer': optimizer, 'scheduler': scheduler})
+    if run.finished:
+        print(f"{run_dir} finished already: test accuracy {run.results['test']['accuracy']:.2%}")
+        return run.results
+    loader = DataLoader(TensorDataset(dataset['train_x'], dataset['train_y']), batch_size=None,
+                        sampler=run.batches(len(dataset['train_y']), args.batch_size))
     best_path = os.path.join(run_dir, 'best_model.pt')
+    if not run.resumed:
+        plots.draw_conv_filters(0, 0, model.conv1.weight.detach().cpu().numpy(), run_dir)
 
-    def save_checkpoint(epochs_done, batches_done=0, epoch_generator=None, epoch_seconds=0.0):
-        """epoch_generator: the batch order generator's state at the start of epoch epochs_done + 1 (default: now)."""
-        checkpoint.save_torch(checkpoint_path, {
-            'epoch': epochs_done, 'batches_done': batches_done, 'model': model.state_dict(),
-            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-            'generator': generator.get_state() if epoch_generator is None else epoch_generator,
-            'torch_rng': torch.get_rng_state(), 'epoch_seconds': epoch_seconds, 'best_acc': float(best_acc),
-            'results': checkpoint.results_text(results), 'best_valid': checkpoint.results_text(best_valid)})
-
-    if state is None:
-        plots.save_filter_grid(os.path.join(run_dir, 'conv1_epoch_00.png'), model.conv1.weight.detach().cpu().numpy())
-        history = {key: [] for key in ('train_loss', 'valid_loss', 'train_acc', 'valid_acc', 'lr',
-                                       'valid_macro_precision', 'valid_macro_recall', 'train_seconds',
-                                       'epoch_seconds')}
-        results = {'script': 'train_cifar.py', 'config': vars(args) | {'lr': lr}, 'loss': loss, 'device': str(device),
-                   'data': {'name': dataset['name'], 'originals': dataset['originals'], 'num_train': len(train_x),
-                            'num_valid': len(dataset['valid_x']), 'num_test': len(dataset['test_x']),
-                            'mean': dataset['mean'], 'std': dataset['std']},
-                   'history': history, 'best_epoch': None}
-        done, best_acc, best_valid = 0, -1.0, None  # best_valid: summary() of the best epoch's validation scores
-        save_checkpoint(0)
-    else:
-        checkpoint.restore_torch(state, model, optimizer, scheduler, generator)
-        results, best_valid = json.loads(state['results']), json.loads(state['best_valid'])
-        history, done, best_acc = results['history'], state['epoch'], state['best_acc']
-        print(checkpoint.resuming(run_dir, done, args.epochs, state['batches_done'], len(loader)))
-    with cli.stop_between_steps():
-        for epoch in range(done + 1, args.epochs + 1):
-            start = time.perf_counter() - (state['epoch_seconds'] if state else 0.0)
-            model.train()
-            progress, batches = checkpoint.torch_epoch(
-                loader, generator, epoch, f"{loss} epoch {epoch}/{args.epochs}",
-                lambda steps_done, epoch_generator: save_checkpoint(
-                    epoch - 1, steps_done, epoch_generator, time.perf_counter() - start), resumed=state)
-            state = None  # only the first epoch resumes
-            for step, (x, y) in batches:
-                batch_loss = loss_fn(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss.backward()
-                optimizer.step()
-                if step % 100 == 0:
-                    progress.set_postfix(loss=f"{batch_loss.item():.3f}")
-            train_seconds = time.perf_counter() - start
-            history['lr'].append(scheduler.get_last_lr()[0])  # the rate this epoch used
-            scheduler.step()
-
-            train_scores = metrics.evaluate(model, train_x, train_y, loss_fn)
-            if not np.isfinite(train_scores['loss']):
-                raise cli.UserError(f"{loss} training diverged in epoch {epoch} (loss {train_scores['loss']}); "
-                                    f"lower --lr (it was {history['lr'][-1]:.4g})")
-            valid_scores = metrics.evaluate(model, dataset['valid_x'], dataset['valid_y'], loss_fn)
-            for split, scores in (('train', train_scores), ('valid', valid_scores)):
-                history[f'{split}_loss'].append(scores['loss'])
-                history[f'{split}_acc'].append(scores['accuracy'])
-            history['valid_macro_precision'].append(valid_scores['macro_precision'])
-            history['valid_macro_recall'].append(valid_scores['macro_recall'])
-            if valid_scores['accuracy'] > best_acc:
-                best_acc, results['best_epoch'] = valid_scores['accuracy'], epoch
-                best_valid = summary(valid_scores, class_names)
-                checkpoint.save_torch(best_path, {name: value.cpu() for name, value in model.state_dict().items()})
-            plots.save_filter_grid(os.path.join(run_dir, f'conv1_epoch_{epoch:02d}.png'),
-                                   model.conv1.weight.detach().cpu().numpy())
-            plots.plot_progress_2x2(os.path.join(run_dir, 'training_progress.png'), history, LOSS_TITLES[loss],
-                                    title=f"{dataset['name']}, {LOSS_TITLES[loss].lower()}")
-            history['train_seconds'].append(train_seconds)
-            history['epoch_seconds'].append(time.perf_counter() - start)
-            print(f"{loss} epoch {epoch}/{args.epochs}: "
-                  f"train loss {train_scores['loss']:.4f} acc {train_scores['accuracy']:.2%} | "
-                  f"valid loss {valid_scores['loss']:.4f} acc {valid_scores['accuracy']:.2%} | "
-                  f"lr {history['lr'][-1]:.4g} | {len(train_x) / train_seconds:.0f} img/s")
-            cli.write_json(os.path.join(run_dir, 'results.json'), results)  # a stopped run keeps its curves
-            save_checkpoint(epoch)
+    for epoch in run.epochs(args.epochs):
+        lr = scheduler.get_last_lr()[0]
+        train_epoch(model, loader, optimizer, loss_fn, run)
+        scheduler.step()
+        train_scores = evaluate(model, dataset['train_x'], dataset['train_y'], loss_fn)
+        valid_scores = evaluate(model, dataset['valid_x'], dataset['valid_y'], loss_fn)
+        if valid_scores['accuracy'] > run.results.get('best_valid_acc', -1):
+            run.results.update(best_epoch=epoch, best_valid_acc=valid_scores['accuracy'])
+            checkpoint.save_torch(best_path, {name: value.cpu() for name, value in model.state_dict().items()})
+        plots.draw_conv_filters(epoch, run.step, model.conv1.weight.detach().cpu().numpy(), run_dir)
+        run.end_epoch(lr=lr, **{f'{split}_{key}': scores[metric] for split, scores in (('train', train_scores),
+                                                                                      ('valid', valid_scores))
+                                for key, metric in (('loss', 'loss'), ('acc', 'accuracy'),
+                                                    ('precision', 'macro_precision'), ('recall', 'macro_recall'))})
+        plots.plot_training_progress(run_dir, plots.history(run.results['epochs']), loss_name,
+                                     title=f"{dataset['name']}, {loss_name.lower()}")
 
     model.load_state_dict(checkpoint.load_torch(best_path))
-    test_logits = metrics.predict_logits(model, dataset['test_x'])
-    test_scores = metrics.scores_from_logits(test_logits, dataset['test_y'], loss_fn)
-    metrics.print_scores(test_scores, class_names,
-                         title=f"{dataset['name']} test, {loss}, model of epoch {results['best_epoch']}: ")
-    plots.save_confusion_matrix(os.path.join(run_dir, 'confusion_matrix.png'), test_scores['confusion'], class_names,
-                                title=f"{dataset['name']} test, {LOSS_TITLES[loss].lower()}: "
-                                      f"accuracy {test_scores['accuracy']:.2%}")
-    save_misclassified(os.path.join(run_dir, 'misclassified.png'), test_logits, dataset, loss_fn, loss)
-    results.update(valid=best_valid, test=summary(test_scores, class_names),
-                   seconds_per_epoch=float(np.mean(history['train_seconds'])),
-                   images_per_second=len(train_x) * args.epochs / sum(history['train_seconds']))
-    cli.write_json(os.path.join(run_dir, 'results.json'), results)
-    print(f"{dataset['name']}, {loss}: best validation accuracy {best_acc:.2%} (epoch {results['best_epoch']}), "
-          f"test accuracy {test_scores['accuracy']:.2%}; training {results['seconds_per_epoch']:.1f} s/epoch, "
-          f"{results['images_per_second']:.0f} img/s; wrote {run_dir}")
-    return results
+    test(model, dataset, run, loss_fn, loss_name)
+    return run.results
 
 
-def make_parser():
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(parser)
-    parser.add_argument('--loss', choices=['ce', 'hinge'], default='ce',
-                        help='cross-entropy, or the multiclass hinge loss of hinge_loss.py with --delta (default: ce)')
-    return parser
+def test(model, dataset, run, loss_fn, loss_name):
+    """Scores the best-validation model on the test set: the printed report, confusion_matrix.png, the 20
+    worst mistakes (printed, and drawn in misclassified.png) and the final results."""
+    names, epoch = dataset['class_names'], run.results['best_epoch']
+    logits = metrics.predict_logits(model, dataset['test_x'])
+    scores = metrics.scores_from_logits(logits, dataset['test_y'], loss_fn)
+    metrics.print_scores(scores, names, title=f"{dataset['name']} test, model of epoch {epoch}: ")
+    plots.save_confusion_matrix(os.path.join(run.dir, 'confusion_matrix.png'), scores['confusion'], names,
+                                title=f"{dataset['name']} test, {loss_name.lower()}: accuracy {scores['accuracy']:.2%}")
+    mistakes = worst_mistakes(logits, dataset['test_y'].cpu(), loss_fn, names)
+    print(f"the {len(mistakes)} misclassified test images with the highest loss (index: true class, loss; "
+          f"top 3 classes by softmax probability):\n" + '\n'.join(map(format_mistake, mistakes)))
+    test_x = dataset['test_x'].cpu().numpy()
+    plots.save_image_grid(
+        os.path.join(run.dir, 'misclassified.png'),
+        [plots.draw_image(test_x[m['index']], dataset['mean'], dataset['std']) for m in mistakes],
+        [f"true: {m['true']}\n" + '\n'.join(f"{name} {p:.2f}" for name, p in m['top3']) for m in mistakes],
+        title=f"{dataset['name']}: the {len(mistakes)} misclassified test images with the highest "
+              f"{loss_name.lower()}; true class and top-3 predictions" + (
+                  '' if loss_fn is F.cross_entropy else
+                  "\n(a softmax of the model's scores, for display only: they are not probabilities)"))
+    run.finish(test=metrics.summary(scores, names), worst_mistakes=mistakes)
+    print(f"{dataset['name']}, {loss_name.lower()}: best validation accuracy {run.results['best_valid_acc']:.2%} "
+          f"(epoch {epoch}), test accuracy {scores['accuracy']:.2%}; training {run.results['seconds_per_epoch']:.1f} "
+          f"s/epoch, {run.results['images_per_second']:.0f} img/s; wrote {run.dir}")
 
 
 def main(argv=None):
-    args = cli.parse_args(make_parser(), 'train_cifar', argv)
-    device = cli.torch_device(args.device)
-    dataset = load_data(args, device)
-    run_dir = cli.open_run_dir(args, 'train_cifar', argv)
-    with cli.resume_hint('train_cifar', run_dir):
-        train(args, dataset, run_dir, args.loss, device, resume=args.resume is not None)
+    args = cli.parse_args(make_parser(), SCRIPT, argv)
+    dataset = load_data(args, cli.torch_device(args.device))
+    run_dir = cli.open_run_dir(args, SCRIPT, argv)
+    with cli.resume_hint(SCRIPT, run_dir):
+        train_model(args, dataset, run_dir)
 
 
 if __name__ == '__main__':

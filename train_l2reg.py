@@ -13,89 +13,107 @@ grid per lambda).
 import argparse
 import os
 
-import matplotlib.pyplot as plt
 import numpy as np
 
+import checkpoint
 import cli
+import layers
 import nn
 import plots
 import train
 
 SCRIPT = 'train_l2reg'
+WEIGHT_DECAY = 1e-3
+SWEEP = [1e-3, 1e-2, 1e-1]  # the lab's lambdas
+
+
+def regularized_loss(net, weight_decay, layer_names=('conv1', 'conv2', 'fc3')):
+    """Task 2's loss: cross-entropy + (weight_decay / 2) * ||w||^2 of the named layers' weights (not biases)."""
+    regularizers = [layers.L2Regularizer(layer.weights, weight_decay, f'{layer.name}_l2reg')
+                    for layer in net if layer.name in layer_names]
+    return layers.RegularizedLoss(layers.SoftmaxCrossEntropyWithLogits(), regularizers)
+
+
+def make_parser(description=__doc__):
+    """train.py's flags, plus --weight-decay and --sweep (train_pytorch.py uses these too)."""
+    parser = train.make_parser(description)
+    parser.add_argument('--weight-decay', type=cli.non_negative_float, default=WEIGHT_DECAY,
+                        help=f'L2 lambda on the conv1, conv2 and fc3 weights (default: {WEIGHT_DECAY})')
+    parser.add_argument('--sweep', type=cli.non_negative_float, nargs='*', default=None,
+                        help=f"train one model per lambda and compare them (no values: the lab's {SWEEP})")
+    return parser
+
+
+def sweep_lambdas(args):
+    """The lambdas of --sweep (none given: the lab's), or None without --sweep; a lambda twice is a UserError."""
+    if args.sweep is None:
+        return None
+    lambdas = args.sweep or SWEEP
+    if len({f'{wd:g}' for wd in lambdas}) < len(lambdas):
+        raise cli.UserError(f"--sweep lists a lambda twice: {' '.join(f'{wd:g}' for wd in lambdas)}")
+    return lambdas
 
 
 def conv1_filters(params):
-    """conv1's weights (16, 25) from nn.parameters / an .npz -> (16, 1, 5, 5) for plots.filter_grid."""
+    """conv1's weights (16, 25) from nn.parameters or an .npz -> (16, 1, 5, 5), for plots.filter_grid."""
     weights = params['conv1.weights']
     k = int(round(np.sqrt(weights.shape[1])))
     return weights.reshape(weights.shape[0], 1, k, k)
 
 
-def write_sweep(run_dir, rows, init_filters, filters):
-    """The comparison of a sweep: a table on stdout, in sweep.json and in sweep.md; conv1's filters (init, then
-    those of each row) side by side in sweep_filters.png."""
-    cli.write_json(os.path.join(run_dir, 'sweep.json'), rows)
-    lines = ['| lambda | valid acc | test acc | data loss | reg loss | mean abs conv1 weight |',
+def sweep(args, run_dir, train_one):
+    """One model per lambda of sweep_lambdas(args), each trained by train_one(args for it, its folder) ->
+    (results, its parameters in nn.parameters' layout) from the same initial weights in <run_dir>/wd_<lambda>/;
+    then the comparison: sweep.json, sweep.md (printed too) and sweep_filters.png. Returns the table's rows."""
+    rows, filters = [], []
+    for weight_decay in sweep_lambdas(args):
+        sub_dir = cli.make_run_dir(run_dir, f'wd_{weight_decay:g}', SCRIPT, overwrite=True)
+        print(f"--- lambda = {weight_decay:g} -> {sub_dir}")
+        results, params = train_one(argparse.Namespace(**{**vars(args), 'weight_decay': weight_decay}), sub_dir)
+        last = results['epochs'][-1]
+        filters.append(conv1_filters(params))
+        rows.append({'weight_decay': weight_decay, 'valid_acc': last['valid_acc'], 'test_acc': results['test_acc'],
+                     'train_loss': last['train_loss'], 'reg_loss': last['reg_loss'],
+                     'conv1_mean_abs_weight': float(np.abs(filters[-1]).mean()), 'run_dir': sub_dir})
+    init_filters = conv1_filters(checkpoint.load_npz(os.path.join(rows[0]['run_dir'], 'init_weights.npz')))
+    lines = ['| lambda | valid acc | test acc | cross-entropy | L2 term | mean abs conv1 weight |',
              '|---:|---:|---:|---:|---:|---:|']
-    lines += [f"| {r['weight_decay']:g} | {r['valid_acc']:.2%} | {r['test_acc']:.2%} | {r['data_loss']:.4f} | "
+    lines += [f"| {r['weight_decay']:g} | {r['valid_acc']:.2%} | {r['test_acc']:.2%} | {r['train_loss']:.4f} | "
               f"{r['reg_loss']:.4f} | {r['conv1_mean_abs_weight']:.4f} |" for r in rows]
-    lines += ['', f"Losses are those on the training set after the last epoch; the random initial conv1 weights "
-                  f"have mean abs {np.abs(init_filters).mean():.4f}."]
-    with open(os.path.join(run_dir, 'sweep.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    lines += ['', f"Losses on the training set after the last epoch; the random initial conv1 weights have mean abs "
+                  f"{np.abs(init_filters).mean():.4f}."]
     print('\n'.join(lines))
-
+    cli.write_text(os.path.join(run_dir, 'sweep.md'), '\n'.join(lines) + '\n')
+    cli.write_json(os.path.join(run_dir, 'sweep.json'), rows)
     panels = [('random init', init_filters)] + [
         (f"lambda = {r['weight_decay']:g}\nmean |w| {r['conv1_mean_abs_weight']:.3f}, test {r['test_acc']:.2%}",
          row_filters) for r, row_filters in zip(rows, filters)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
-    for ax, (title, filters) in zip(np.atleast_1d(axes), panels):
-        ax.imshow(plots.filter_grid(filters, cols=4), cmap='gray', interpolation='nearest')
-        ax.set_title(title, fontsize=9)
-        ax.axis('off')
-    fig.suptitle('conv1 filters (each grid scaled to its own min..max)')
-    fig.tight_layout(rect=(0, 0, 1, 0.9))  # leave room for the suptitle
-    fig.savefig(os.path.join(run_dir, 'sweep_filters.png'), dpi=100)
-    plt.close(fig)
-
-
-def sweep(args, mnist, run_dir, weight_decays):
-    """One model per lambda, each from the same initial weights, then write_sweep; returns the table rows."""
-    rows, filters = [], []
-    resume = args.resume is not None
-    for weight_decay in weight_decays:
-        sub_dir = cli.make_run_dir(run_dir, f'wd_{weight_decay:g}', SCRIPT, args.overwrite or resume)
-        print(f"--- lambda = {weight_decay:g} -> {sub_dir}")
-        run_args = argparse.Namespace(**{**vars(args), 'weight_decay': weight_decay, 'sweep': None})
-        results, net = train.train_model(run_args, mnist, sub_dir, weight_decay, resume)
-        last = results['epochs'][-1]
-        filters.append(conv1_filters(nn.parameters(net)))
-        rows.append({'weight_decay': weight_decay, 'valid_acc': last['valid_acc'], 'test_acc': results['test_acc'],
-                     'data_loss': last['data_loss'], 'reg_loss': last['reg_loss'],
-                     'conv1_mean_abs_weight': float(np.abs(filters[-1]).mean()), 'run_dir': sub_dir})
-    with np.load(os.path.join(rows[0]['run_dir'], 'init_weights.npz')) as init:  # the same for every lambda
-        init_filters = conv1_filters(init)
-    write_sweep(run_dir, rows, init_filters, filters)
+    plots.save_filter_panels(os.path.join(run_dir, 'sweep_filters.png'), panels,
+                             title='conv1 filters (each grid scaled to its own min..max)')
     return rows
 
 
 def main(argv=None):
-    args = cli.parse_args(train.make_parser(__doc__, weight_decay=1e-3), SCRIPT, argv)
+    args = cli.parse_args(make_parser(), SCRIPT, argv)
     train.check_args(args)
-    weight_decays = None if args.sweep is None else (args.sweep or cli.LAB_SWEEP)
-    if weight_decays is not None and len({f'{wd:g}' for wd in weight_decays}) < len(weight_decays):
-        raise cli.UserError(f"--sweep lists a lambda twice: {' '.join(f'{wd:g}' for wd in weight_decays)}")
+    lambdas = sweep_lambdas(args)
     if args.summary_only:
         train.print_summary(args)
         return
     mnist = train.load_data(args)
     run_dir = cli.open_run_dir(args, SCRIPT, argv)
     train.print_summary(args)
+
+    def train_one(run_args, sub_dir):
+        results, net = train.train_model(run_args, mnist, sub_dir,
+                                         lambda net: regularized_loss(net, run_args.weight_decay),
+                                         title=f'NumPy, lambda = {run_args.weight_decay:g}')
+        return results, nn.parameters(net)
     with cli.resume_hint(SCRIPT, run_dir):
-        if weight_decays is None:
-            train.train_model(args, mnist, run_dir, args.weight_decay, resume=args.resume is not None)
+        if lambdas is None:
+            train_one(args, run_dir)
         else:
-            sweep(args, mnist, run_dir, weight_decays)
+            sweep(args, run_dir, train_one)
 
 
 if __name__ == '__main__':

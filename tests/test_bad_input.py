@@ -155,7 +155,9 @@ def assert_one_line_error(code, out, err, message, save_dir):
 
 COMMON = [(['--epochs', '0'], 'argument --epochs: must be a positive integer, got 0'),
           (['--batch-size', '-1'], 'argument --batch-size: must be a positive integer, got -1'),
-          (['--seed', 'x'], "argument --seed: invalid int value: 'x'"),
+          (['--seed', 'x'], "argument --seed: 'x' is not an integer"),
+          (['--seed', '-1'], 'argument --seed: must be in 0 .. 2**32 - 1'),
+          (['--seed', str(2 ** 32)], 'argument --seed: must be in 0 .. 2**32 - 1'),
           (['--valid-size', '0'], 'argument --valid-size: must be a positive integer'),
           (['--limit', '-5'], 'argument --limit: must be a positive integer'),
           (['--resume', 'no/such/run'], '--resume no/such/run: no such run folder'),
@@ -171,7 +173,6 @@ CIFAR = [(['--lr', '-1'], 'argument --lr: must be a positive number, got -1'),
          (['--gamma', '0'], 'argument --gamma: must be a positive number'),
          (['--weight-decay', '-1'], 'argument --weight-decay: must be a number >= 0'),
          (['--padding', '3'], 'argument --padding: invalid choice'),
-         (['--delta', 'nan'], 'argument --delta: must be a number >= 0'),
          (['--device', 'tpu'], 'argument --device: invalid choice')]
 FLAG_CASES = [(script, flags, message) for script in SCRIPTS for flags, message in COMMON] + \
     [(script, flags, message) for script in MNIST_SCRIPTS for flags, message in MNIST] + \
@@ -185,7 +186,9 @@ FLAG_CASES = [(script, flags, message) for script in SCRIPTS for flags, message 
     ('train_pytorch.py', ['--weight-decay', '-1'], 'must be a number >= 0'),
     ('train_pytorch.py', ['--steps', '0'], 'argument --steps: must be a positive integer'),
     ('train_pytorch.py', ['--device', 'tpu'], 'argument --device: invalid choice'),
-    ('train_cifar.py', ['--loss', 'mse'], 'argument --loss: invalid choice'),
+    ('hinge_loss.py', ['--delta', 'nan'], 'argument --delta: must be a number >= 0'),
+    ('train.py', ['--run-name', 'a/b'], "'a/b' is not a folder name"),
+    ('train.py', ['--run-name', 'x' * 300], 'is not a folder name of 1 to 100 printable characters'),
 ]
 
 
@@ -271,6 +274,6 @@ def test_a_corrupt_checkpoint_is_one_line_and_touches_nothing(run_main, tmp_path
         f.write(b'PK\x03\x04 half a zip file')
     code, out, err = run_main(script, ['--resume', run_dir])
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith(f"error: {os.path.join(run_dir, name)}: not a readable checkpoint") and \
+    assert err.startswith(f"error: {os.path.join(run_dir, name)}: not a checkpoint of this run") and \
         'start the run again with --overwrite' in err
     assert sorted(os.listdir(run_dir)) == sorted(['config.json', name])

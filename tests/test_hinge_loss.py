@@ -67,11 +67,13 @@ def test_compare_trains_both_losses_from_the_same_start_and_writes_the_compariso
                              '--run-name', 'cmp', '--device', 'cpu'], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / 'cmp'
-    assert {'compare.md', 'compare.json', 'compare.png', 'hinge', 'ce'} <= set(os.listdir(run_dir))
-    hinge, ce = (json.loads((run_dir / name / 'results.json').read_text()) for name in ('hinge', 'ce'))
-    assert (hinge['loss'], hinge['config']['lr']) == ('hinge', 0.01) and (ce['loss'], ce['config']['lr']) == ('ce', 0.1)
+    assert {'compare.md', 'compare.json', 'compare.png', 'hinge', 'cross-entropy'} <= set(os.listdir(run_dir))
+    hinge, ce = (json.loads((run_dir / name / 'results.json').read_text()) for name in ('hinge', 'cross-entropy'))
+    assert (hinge['loss'], hinge['config']['lr']) == ('Multiclass hinge loss', 0.01)
+    assert (ce['loss'], ce['config']['lr']) == ('Cross-entropy loss', 0.1)
     # the same seed: the same initial filters, the same data
-    assert (run_dir / 'hinge' / 'conv1_epoch_00.png').read_bytes() == (run_dir / 'ce' / 'conv1_epoch_00.png').read_bytes()
+    first_filters = 'conv1_epoch_00_step_000000.png'
+    assert (run_dir / 'hinge' / first_filters).read_bytes() == (run_dir / 'cross-entropy' / first_filters).read_bytes()
     assert hinge['data'] == ce['data']
     comparison = json.loads((run_dir / 'compare.json').read_text())
     assert set(comparison['runs']) == {'hinge', 'cross-entropy'}
@@ -87,4 +89,4 @@ def test_divergence_is_a_one_line_error(synthetic_cifar, tmp_path):
                              '--valid-size', '40', '--epochs', '1', '--lr', '1e6', '--save-dir', str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith('error: hinge training diverged in epoch 1')
+    assert result.stderr.strip().splitlines()[-1].startswith('error: the loss became nan at epoch 1')

@@ -74,23 +74,9 @@ def test_rectangular_fields(field_height, field_width, padding):
                                   col2im_numpy(cols, 2, 3, 7, 6, field_height, field_width, padding, 1))
 
 
-@needs_cython
-def test_threads_give_the_same_result():
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((5, 3, 9, 7))
-    cols = cython.im2col_cython(x, 3, 3, 1, 1, 1)
-    np.testing.assert_array_equal(cython.im2col_cython(x, 3, 3, 1, 1, 2), cols)
-    np.testing.assert_array_equal(cython.col2im_cython(cols, 5, 3, 9, 7, 3, 3, 1, 1, 2),
-                                  cython.col2im_cython(cols, 5, 3, 9, 7, 3, 3, 1, 1, 1))
-    out, argmax = cython.max_pool_forward(x, 3, 2, 1)
-    out2, argmax2 = cython.max_pool_forward(x, 3, 2, 2)
-    np.testing.assert_array_equal(out, out2)
-    np.testing.assert_array_equal(argmax, argmax2)
-
-
 def test_layout_is_channel_kernel_row_kernel_column_by_image_row_column():
     x = np.arange(2 * 2 * 3 * 3, dtype=np.float64).reshape(2, 2, 3, 3)
-    cols = im2col_module.im2col(x, 2, 2, 0, 1)
+    cols = im2col_module.im2col_cython(x, 2, 2, 0, 1)
     # row (c=1, i=0, j=1), column (n=1, y=1, x=0): x[1, 1, 1 + 0, 0 + 1]
     assert cols[(1 * 2 + 0) * 2 + 1, (1 * 2 + 1) * 2 + 0] == x[1, 1, 1, 1]
 
@@ -107,18 +93,18 @@ def test_bad_arguments_are_value_errors():
 
 def test_numpy_fallback_warns_once_and_works(tmp_path):
     """Without the .so (a fresh checkout that skipped the build) everything still runs, on the NumPy code."""
-    for name in ('im2col.py', 'layers.py'):
+    for name in ('im2col.py', 'layers.py', 'fast_layers.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     script = """
 import numpy as np
-import im2col, layers
-assert not im2col.HAVE_CYTHON and im2col.im2col is im2col.im2col_numpy
+import im2col, layers, fast_layers
+assert im2col.kernels is None and im2col.im2col_cython is im2col.im2col_numpy
 x = np.random.default_rng(0).standard_normal((2, 1, 6, 6))
-conv = layers.Convolution(x, 3, 3, 'conv')
-pool = layers.MaxPooling(conv, 'pool')
-assert not pool.use_cython
-out = pool.forward(conv.forward(x))
-assert conv.backward_inputs(pool.backward_inputs(np.ones_like(out))).shape == x.shape
+for module in (layers, fast_layers):
+    conv = module.Convolution(x, 3, 3, 'conv')
+    pool = module.MaxPooling(conv, 'pool')
+    out = pool.forward(conv.forward(x))
+    assert conv.backward_inputs(pool.backward_inputs(np.ones_like(out))).shape == x.shape
 print('ok')
 """
     env = {key: value for key, value in os.environ.items() if key != 'PYTHONPATH'}

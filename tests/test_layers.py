@@ -1,4 +1,6 @@
-"""Every layer's forward and backward passes against PyTorch autograd, the independent oracle.
+"""Every layer's forward and backward passes against PyTorch autograd, the independent oracle, for the
+textbook layers (layers.py) and their fast twins (fast_layers.py) alike: every test that takes the
+`layers` fixture runs once with each module.
 
 float64 must agree to 1e-10 relative; float32 to float32 round-off, and stay float32.
 """
@@ -11,10 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import layers
+import fast_layers
+import layers as textbook_layers
 import nn
+import train
+import train_l2reg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=[textbook_layers, fast_layers], ids=['textbook', 'fast'])
+def layers(request):
+    """The module the layers come from: each test runs with layers.py and with fast_layers.py."""
+    return request.param
 
 
 def assert_close(actual, expected, rtol=1e-10):
@@ -42,11 +53,11 @@ CONV_CASES = [  # N, C, H, W, filters, kernel, padding
 ]
 
 
-def conv_against_torch(case, dtype, rng, chunk_bytes=None):
+def conv_against_torch(layers, case, dtype, rng, chunk_bytes=None):
     N, C, H, W, num_filters, k, padding = case
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     conv = layers.Convolution(x, num_filters, k, 'conv', padding=padding)
-    if chunk_bytes is not None:
+    if chunk_bytes is not None:  # fast_layers.Convolution's block size
         conv.chunk_bytes = chunk_bytes
     conv.bias[:] = rng.standard_normal(num_filters)
     out = conv.forward(x)
@@ -61,39 +72,20 @@ def conv_against_torch(case, dtype, rng, chunk_bytes=None):
     return [(out, out_t), (grad_x, x_t.grad), (grad_weights, w_t.grad.reshape(num_filters, -1)), (grad_bias, b_t.grad)]
 
 
-@pytest.mark.parametrize('chunk_bytes', [None, 1, float('inf')], ids=['default chunks', 'one image', 'whole batch'])
 @pytest.mark.parametrize('case', CONV_CASES)
-def test_convolution_float64_matches_torch(case, chunk_bytes):
-    for ours, theirs in conv_against_torch(case, np.float64, np.random.default_rng(0), chunk_bytes):
+def test_convolution_float64_matches_torch(layers, case):
+    for ours, theirs in conv_against_torch(layers, case, np.float64, np.random.default_rng(0)):
         assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize('case', CONV_CASES[1:3])
-def test_convolution_float32_matches_torch_and_stays_float32(case):
-    for ours, theirs in conv_against_torch(case, np.float32, np.random.default_rng(0)):
+def test_convolution_float32_matches_torch_and_stays_float32(layers, case):
+    for ours, theirs in conv_against_torch(layers, case, np.float32, np.random.default_rng(0)):
         assert ours.dtype == np.float32
         assert_close(ours, theirs, rtol=1e-5)
 
 
-def test_convolution_keeps_im2col_in_blocks_of_images(threads):
-    """x_cols[b] is the im2col of images b*n .. (b+1)*n - 1, n the most images dividing N within chunk_bytes."""
-    from im2col import im2col_numpy
-    case = (6, 2, 7, 9, 4, 3, 'SAME')
-    bytes_per_image = 2 * 3 * 3 * 7 * 9 * 8
-    for chunk_bytes, n in ((1, 1), (2.5 * bytes_per_image, 2), (4 * bytes_per_image, 3), (float('inf'), 6)):
-        threads(2)
-        for ours, theirs in conv_against_torch(case, np.float64, np.random.default_rng(0), chunk_bytes):
-            assert_close(ours, theirs)
-        x = np.random.default_rng(1).standard_normal(case[:4])
-        conv = layers.Convolution(x, 4, 3, 'conv')
-        conv.chunk_bytes = chunk_bytes
-        conv.forward(x)
-        assert conv.x_cols.shape == (6 // n, 2 * 3 * 3, n * 7 * 9)
-        for b in range(6 // n):
-            np.testing.assert_array_equal(conv.x_cols[b], im2col_numpy(x[b * n:(b + 1) * n], 3, 3, 1, 1))
-
-
-def test_convolution_output_shape():
+def test_convolution_output_shape(layers):
     x = np.zeros((2, 3, 7, 9))
     assert layers.Convolution(x, 4, 5, 'c', padding='SAME').shape == (2, 4, 7, 9)
     assert layers.Convolution(x, 4, 5, 'c', padding='VALID').shape == (2, 4, 3, 5)
@@ -111,17 +103,13 @@ POOL_CASES = [  # N, C, H, W, pool, stride
 ]
 
 
-@pytest.mark.parametrize('use_cython', [True, False], ids=['cython', 'numpy'])
 @pytest.mark.parametrize('case', POOL_CASES)
 @pytest.mark.parametrize('dtype', [np.float64, np.float32])
-def test_max_pooling_matches_torch(case, dtype, use_cython):
+def test_max_pooling_matches_torch(layers, case, dtype):
     N, C, H, W, pool_size, stride = case
     rng = np.random.default_rng(1)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     pool = layers.MaxPooling(x, 'pool', pool_size, stride)
-    if use_cython and not pool.use_cython:
-        pytest.skip('im2col_cython is not built')
-    pool.use_cython = use_cython
     out = pool.forward(x)
     grad_out = rng.standard_normal(out.shape).astype(dtype)
     grad_x = pool.backward_inputs(grad_out)
@@ -134,11 +122,9 @@ def test_max_pooling_matches_torch(case, dtype, use_cython):
     assert_close(grad_x, x_t.grad, rtol=1e-10 if dtype == np.float64 else 1e-6)
 
 
-@pytest.mark.parametrize('use_cython', [True, False], ids=['cython', 'numpy'])
-def test_max_pooling_ties_go_to_the_first_maximum_as_in_torch(use_cython):
+def test_max_pooling_ties_go_to_the_first_maximum_as_in_torch(layers):
     x = np.ones((1, 1, 5, 5))
     pool = layers.MaxPooling(x, 'pool', 3, 2)
-    pool.use_cython = use_cython and pool.use_cython
     pool.forward(x)
     grad_x = pool.backward_inputs(np.ones((1, 1, 2, 2)))
     x_t = tensor(x)
@@ -146,12 +132,10 @@ def test_max_pooling_ties_go_to_the_first_maximum_as_in_torch(use_cython):
     assert_close(grad_x, x_t.grad, rtol=0)
 
 
-@pytest.mark.parametrize('use_cython', [True, False], ids=['cython', 'numpy'])
-def test_max_pooling_propagates_nan_as_torch(use_cython):
+def test_max_pooling_propagates_nan_as_torch(layers):
     x = np.random.default_rng(3).standard_normal((1, 2, 6, 6))
     x[0, 0, 1, 1] = x[0, 1, 4, 5] = np.nan   # not the first entry of its window
     pool = layers.MaxPooling(x, 'pool', 3, 2)
-    pool.use_cython = use_cython and pool.use_cython
     out = pool.forward(x)
     expected = F.max_pool2d(torch.from_numpy(x), 3, 2).numpy()
     np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
@@ -161,7 +145,7 @@ def test_max_pooling_propagates_nan_as_torch(use_cython):
 # ----------------------------------------------------------------------------- ReLU, Flatten, FC
 
 @pytest.mark.parametrize('shape', [(1, 3, 5, 5), (4, 7)])
-def test_relu_matches_torch(shape):
+def test_relu_matches_torch(layers, shape):
     rng = np.random.default_rng(2)
     x = rng.standard_normal(shape)
     relu = layers.ReLU(x, 'relu')
@@ -173,7 +157,7 @@ def test_relu_matches_torch(shape):
     assert_close(relu.backward_inputs(grad_out), x_t.grad)
 
 
-def test_flatten_round_trip():
+def test_flatten_round_trip(layers):
     x = np.random.default_rng(3).standard_normal((3, 2, 5, 7))
     flatten = layers.Flatten(x, 'flatten')
     out = flatten.forward(x)
@@ -184,7 +168,7 @@ def test_flatten_round_trip():
 
 @pytest.mark.parametrize('dtype, rtol', [(np.float64, 1e-10), (np.float32, 1e-5)])
 @pytest.mark.parametrize('N, D, M', [(1, 7, 3), (5, 31, 10)])
-def test_fc_matches_torch(N, D, M, dtype, rtol):
+def test_fc_matches_torch(layers, N, D, M, dtype, rtol):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((N, D)).astype(dtype)
     fc = layers.FC(x, M, 'fc')
@@ -205,7 +189,7 @@ def test_fc_matches_torch(N, D, M, dtype, rtol):
 
 @pytest.mark.parametrize('one_hot', [False, True], ids=['int labels', 'one-hot'])
 @pytest.mark.parametrize('scale', [1.0, 1e4])
-def test_softmax_cross_entropy_matches_torch(scale, one_hot):
+def test_softmax_cross_entropy_matches_torch(layers, scale, one_hot):
     rng = np.random.default_rng(5)
     logits = scale * rng.standard_normal((6, 10))
     labels = rng.integers(0, 10, 6)
@@ -220,7 +204,7 @@ def test_softmax_cross_entropy_matches_torch(scale, one_hot):
     assert_close(grad, logits_t.grad)
 
 
-def test_softmax_cross_entropy_float32():
+def test_softmax_cross_entropy_float32(layers):
     rng = np.random.default_rng(6)
     logits = (1e4 * rng.standard_normal((4, 10))).astype(np.float32)
     labels = rng.integers(0, 10, 4)
@@ -234,7 +218,7 @@ def test_softmax_cross_entropy_float32():
     assert_close(grad, logits_t.grad, rtol=1e-6)
 
 
-def test_l2_regularizer():
+def test_l2_regularizer(layers):
     weights = np.random.default_rng(7).standard_normal((5, 8))
     l2 = layers.L2Regularizer(weights, 0.03, 'l2')
     (param, grad), name = l2.backward_params()
@@ -246,7 +230,7 @@ def test_l2_regularizer():
     assert_close(grad, w_t.grad)
 
 
-def test_regularized_loss_adds_the_penalties():
+def test_regularized_loss_adds_the_penalties(layers):
     rng = np.random.default_rng(8)
     w1, w2 = rng.standard_normal((3, 4)), rng.standard_normal(6)
     logits, labels = rng.standard_normal((5, 10)), rng.integers(0, 10, 5)
@@ -264,43 +248,43 @@ def test_regularized_loss_adds_the_penalties():
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize('make', [
-    lambda x: layers.Convolution(x, 4, 3, 'conv1'),
-    lambda x: layers.MaxPooling(x, 'pool1'),
-    lambda x: layers.ReLU(x, 'relu1'),
-    lambda x: layers.Flatten(x, 'flatten1'),
+    lambda layers, x: layers.Convolution(x, 4, 3, 'conv1'),
+    lambda layers, x: layers.MaxPooling(x, 'pool1'),
+    lambda layers, x: layers.ReLU(x, 'relu1'),
+    lambda layers, x: layers.Flatten(x, 'flatten1'),
 ])
-def test_forward_rejects_a_wrong_shape_or_dtype(make):
+def test_forward_rejects_a_wrong_shape_or_dtype(layers, make):
     x = np.zeros((2, 3, 8, 8))
-    layer = make(x)
+    layer = make(layers, x)
     with pytest.raises(ValueError, match=rf"{layer.name}.*\(3, 8, 8\).*\(2, 3, 7, 8\)"):
         layer.forward(np.zeros((2, 3, 7, 8)))
     with pytest.raises(ValueError, match=rf"{layer.name}.*float32"):
         layer.forward(np.zeros((2, 3, 8, 8), dtype=np.float32))
 
 
-def test_fc_rejects_a_wrong_input_size():
+def test_fc_rejects_a_wrong_input_size(layers):
     fc = layers.FC(np.zeros((2, 10)), 3, 'fc3')
     with pytest.raises(ValueError, match=r"fc3.*\(10,\).*\(2, 11\)"):
         fc.forward(np.zeros((2, 11)))
 
 
-def test_a_batch_of_another_size_is_fine():
+def test_a_batch_of_another_size_is_fine(layers):
     x = np.random.default_rng(9).standard_normal((4, 1, 6, 6))
     conv = layers.Convolution(x, 2, 3, 'conv')
     assert conv.forward(x[:1]).shape == (1, 2, 6, 6)
 
 
 @pytest.mark.parametrize('make, message', [
-    (lambda x: layers.Convolution(x, 4, 7, 'conv', padding='VALID'), 'does not fit'),
-    (lambda x: layers.Convolution(x, 4, 4, 'conv', padding='SAME'), 'odd kernel'),
-    (lambda x: layers.Convolution(x, 4, 3, 'conv', padding='FULL'), 'padding'),
-    (lambda x: layers.MaxPooling(x, 'pool', pool_size=6), 'does not fit'),
-    (lambda x: layers.FC(x, 3, 'fc'), 'Flatten'),
-    (lambda x: layers.Convolution(x.astype(np.int64), 4, 3, 'conv'), 'float32 or float64'),
+    (lambda layers, x: layers.Convolution(x, 4, 7, 'conv', padding='VALID'), 'does not fit'),
+    (lambda layers, x: layers.Convolution(x, 4, 4, 'conv', padding='SAME'), 'odd kernel'),
+    (lambda layers, x: layers.Convolution(x, 4, 3, 'conv', padding='FULL'), 'padding'),
+    (lambda layers, x: layers.MaxPooling(x, 'pool', pool_size=6), 'does not fit'),
+    (lambda layers, x: layers.FC(x, 3, 'fc'), 'Flatten'),
+    (lambda layers, x: layers.Convolution(x.astype(np.int64), 4, 3, 'conv'), 'float32 or float64'),
 ])
-def test_construction_rejects_what_cannot_work(make, message):
+def test_construction_rejects_what_cannot_work(layers, make, message):
     with pytest.raises(ValueError, match=message):
-        make(np.zeros((2, 1, 5, 5)))
+        make(layers, np.zeros((2, 1, 5, 5)))
 
 
 # ----------------------------------------------------------------------------- the whole lab net
@@ -321,10 +305,10 @@ def torch_lab_net(net):
 
 
 @pytest.mark.parametrize('weight_decay', [0.0, 1e-2])
-def test_lab_net_loss_and_gradients_match_torch(weight_decay):
+def test_lab_net_loss_and_gradients_match_torch(layers, weight_decay):
     np.random.seed(0)
-    net, data_loss = nn.lab_mnist_net(batch_size=3, dtype=np.float64)
-    loss = nn.l2_regularized(net, data_loss, weight_decay) if weight_decay else data_loss
+    net = train.make_net(layers, batch_size=3, dtype=np.float64)
+    loss = train_l2reg.regularized_loss(net, weight_decay) if weight_decay else layers.SoftmaxCrossEntropyWithLogits()
     rng = np.random.default_rng(10)
     for layer in net:
         if layer.has_params:
@@ -357,9 +341,9 @@ def test_lab_net_loss_and_gradients_match_torch(weight_decay):
         assert_close(grad, weight_decay * weights)
 
 
-def test_lab_net_float32_stays_float32_and_matches_torch():
+def test_lab_net_float32_stays_float32_and_matches_torch(layers):
     np.random.seed(1)
-    net, loss = nn.lab_mnist_net(batch_size=4, dtype=np.float32)
+    net, loss = train.make_net(layers, batch_size=4, dtype=np.float32), layers.SoftmaxCrossEntropyWithLogits()
     rng = np.random.default_rng(11)
     x, y = rng.standard_normal((4, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 4)
     logits = nn.forward_pass(net, x)
@@ -378,78 +362,5 @@ def test_bench_layers_runs():
     result = subprocess.run([sys.executable, 'bench_layers.py', '--steps', '1', '--warmup', '1', '--threads', '1',
                              '--batch-size', '4'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for name in ('numpy float32', 'numpy float64', 'torch float32', 'numpy float32 / torch float32'):
+    for name in ('fast float32', 'fast float64', 'textbook float32', 'torch float32', 'fast float32 / torch float32'):
         assert name in result.stdout
-
-
-# ----------------------------------------------------------------------------- threads
-
-@pytest.fixture
-def threads(monkeypatch):
-    """Sets the layers' thread count for one test (every part split off, however small) and restores it."""
-    monkeypatch.setattr(layers, 'MIN_WORK_PER_THREAD', 1)
-    before = layers.num_threads
-    yield layers.set_num_threads
-    layers.set_num_threads(before)
-
-
-def lab_net_step(x, y, dtype):
-    """Logits and gradients of one step of the lab net with the same initial weights every call."""
-    np.random.seed(0)
-    net, loss = nn.lab_mnist_net(batch_size=len(x), dtype=dtype)
-    logits = nn.forward_pass(net, x)
-    grads = nn.backward_pass(net, loss, logits, y)
-    return [logits] + [g for (_, weights), (_, bias), _ in grads for g in (weights, bias)]
-
-
-@pytest.mark.parametrize('dtype, rtol', [(np.float64, 1e-12), (np.float32, 1e-5)])
-def test_every_thread_count_gives_the_same_results_every_time(threads, dtype, rtol):
-    rng = np.random.default_rng(12)
-    x, y = rng.standard_normal((7, 1, 28, 28)).astype(dtype), rng.integers(0, 10, 7)
-    threads(1)
-    reference = lab_net_step(x, y, dtype)
-    for count in (2, 3, 7, 8):   # 8 > batch: some threads get no images
-        threads(count)
-        first, again = lab_net_step(x, y, dtype), lab_net_step(x, y, dtype)
-        for ours, expected, repeated in zip(first, reference, again):
-            assert ours.dtype == dtype
-            np.testing.assert_array_equal(ours, repeated)   # a fixed split: deterministic
-            assert_close(ours, expected, rtol)   # only the batch sums' order differs
-
-
-@pytest.mark.parametrize('case', CONV_CASES)
-def test_convolution_float64_matches_torch_on_three_threads(case, threads):
-    threads(3)
-    for ours, theirs in conv_against_torch(case, np.float64, np.random.default_rng(0), chunk_bytes=1):
-        assert_close(ours, theirs)
-
-
-@pytest.mark.parametrize('size, count', [(1, 1), (5, 2), (50, 2), (50, 3), (2, 8), (0, 2)])
-def test_parts_cover_the_range_once_in_order(threads, size, count):
-    threads(count)
-    parts = layers._parts(size, work=size)
-    assert len(parts) == max(1, min(count, size))
-    assert [i for part in parts for i in range(size)[part]] == list(range(size))
-
-
-def test_an_error_in_a_thread_reaches_the_caller_after_all_threads_finished(threads):
-    threads(2)
-    finished = []
-
-    def work(part):
-        if part.start > 0:
-            raise RuntimeError('boom')
-        finished.append(part)
-    with pytest.raises(RuntimeError, match='boom'):
-        layers._in_parallel(work, layers._parts(4, work=4))
-    assert finished == [slice(0, 2)]
-
-
-@pytest.mark.skipif(layers._openblas is None, reason="NumPy's BLAS is not a bundled OpenBLAS")
-def test_openblas_threads_are_restored_after_a_layer(threads):
-    threads(2)
-    layers.set_blas_threads(3)
-    seen = layers._in_parallel(lambda part: layers._openblas[1](), layers._parts(2, work=2))
-    assert seen == [1, 1]   # single-threaded inside
-    assert layers._openblas[1]() == 3
-    layers.set_blas_threads(1)

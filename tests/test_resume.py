@@ -1,8 +1,8 @@
 """Interrupted runs: killed (SIGKILL), stopped (SIGTERM) or Ctrl-C'd (SIGINT) in the middle of an epoch and
 resumed with --resume, every script ends with exactly the weights and metrics of an uninterrupted run.
 
-The runs are tiny (synthetic data, a few steps per epoch). LAB2_PAUSE_AT=EPOCH:STEP (checkpoint.py) makes a
-run print 'paused at ...' and sleep in the middle of epoch 2, so that the signal always lands there. The run
+The runs are tiny (synthetic data, a few steps per epoch). tests/pause_runner.py runs a script so that it
+prints 'paused at ...' and waits in the middle of epoch 2, so that the signal always lands there. The run
 that is stopped is a process of its own; the reference runs and the resumed ones call main() in this
 process, which saves the seconds it takes to import PyTorch again.
 """
@@ -51,16 +51,20 @@ def command(script, run_dir, data_dir, flags):
     return [sys.executable, os.path.join(ROOT, script), *flags_for(run_dir, data_dir, flags)]
 
 
+def pausing(pause, args):
+    """The command `args` (from command()), run so that it pauses at EPOCH:STEP[:NTH] (tests/pause_runner.py)."""
+    return [args[0], os.path.join(ROOT, 'tests', 'pause_runner.py'), pause, os.path.basename(args[1]), *args[2:]]
+
+
 def main(script, argv):
     """The script's main(argv), here in this process."""
     importlib.import_module(script.removesuffix('.py')).main(argv)
 
 
 def start_and_pause(args, pause, tmp_path):
-    """Starts a run that pauses at `pause` (LAB2_PAUSE_AT) and returns the process once it has paused there."""
+    """Starts a run that pauses at `pause` (EPOCH:STEP[:NTH]) and returns the process once it has paused there."""
     stderr = open(tmp_path / f'stderr-{time.monotonic_ns()}', 'w+')
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                               env={**os.environ, 'LAB2_PAUSE_AT': pause})
+    process = subprocess.Popen(pausing(pause, args), stdout=subprocess.PIPE, stderr=stderr, text=True)
     for line in process.stdout:
         if line.startswith('paused at'):
             return process, stderr
@@ -119,7 +123,8 @@ def where_checkpoint_stands(run_dir, script):
         state = checkpoint.load_torch(os.path.join(run_dir, checkpoint.PT))  # weights_only=True
     else:
         state = checkpoint.load_npz(os.path.join(run_dir, checkpoint.NPZ))  # allow_pickle=False
-    return int(state['epoch']), int(state['batches_done'])
+    fields = json.loads(str(state['run']))
+    return fields['epochs_done'], fields['batches_done']
 
 
 @pytest.mark.parametrize('script, signum', [
@@ -134,7 +139,7 @@ def test_stopped_mid_epoch_then_resumed_ends_as_if_never_stopped(script, signum,
                                                                  capsys):
     data_set, flags = SCRIPTS[script]
     run_dir = str(tmp_path / 'run')
-    process, stderr = start_and_pause(command(script, run_dir, data_dirs[data_set], flags), '2:3', tmp_path)
+    process, stderr = start_and_pause(command(script, run_dir, data_dirs[data_set], flags), '2:2', tmp_path)
     process.send_signal(signum)
     output, _ = process.communicate(timeout=60)
     stderr.seek(0)
@@ -142,16 +147,16 @@ def test_stopped_mid_epoch_then_resumed_ends_as_if_never_stopped(script, signum,
     if signum == signal.SIGKILL:  # no chance to save: the checkpoint of the last finished epoch resumes
         assert process.returncode == -signal.SIGKILL
         assert where_checkpoint_stands(run_dir, script) == (1, 0)
-        resumed = f'resuming {run_dir} after epoch 1 of 2\n'
+        resumed = f'resuming {run_dir} after epoch 1\n'
     else:  # a clean stop: the state after step 2 of epoch 2 saved, one line saying how to resume, no traceback
         assert process.returncode == 128 + signum
-        assert 'saved the run after 2 of the 4 steps of epoch 2' in output
+        assert f'saved {run_dir} after epoch 1 and 2 steps of epoch 2' in output
         last_line = errors.replace('\r', '\n').strip().splitlines()[-1]
         assert last_line.startswith(f'interrupted: stopped by {signal.Signals(signum).name}')
         assert last_line.endswith(f'--resume {run_dir}') and 'Traceback' not in errors
         assert where_checkpoint_stands(run_dir, script) == (1, 2)
-        resumed = f'resuming {run_dir} after epoch 1 of 2 and 2 of the 4 steps of epoch 2\n'
-    assert not [name for name in os.listdir(run_dir) if name.endswith('.tmp')]
+        resumed = f'resuming {run_dir} after epoch 1 and 2 steps of epoch 2\n'
+    assert not [name for name in os.listdir(run_dir) if name.startswith('.')]  # no temporary file left
 
     main(script, ['--resume', run_dir])
     assert resumed in capsys.readouterr().out
@@ -162,8 +167,8 @@ def test_resuming_a_sweep_keeps_finished_lambdas_and_continues_the_stopped_one(d
     flags = MNIST_FLAGS + ['--draw-every', '1000', '--sweep', '0', '0.1']
     reference, run_dir = str(tmp_path / 'reference'), str(tmp_path / 'run')
     main('train_l2reg.py', flags_for(reference, data_dirs['mnist'], flags))
-    # killed in the second lambda's first epoch: LAB2_PAUSE_AT's third number counts the loops reaching 1:2
-    process, _ = start_and_pause(command('train_l2reg.py', run_dir, data_dirs['mnist'], flags), '1:2:2', tmp_path)
+    # killed in the second lambda's first epoch: the third number counts the loops reaching 1:1
+    process, _ = start_and_pause(command('train_l2reg.py', run_dir, data_dirs['mnist'], flags), '1:1:2', tmp_path)
     process.kill()
     process.wait(timeout=60)
     finished = os.path.getmtime(os.path.join(run_dir, 'wd_0', 'weights.npz'))
@@ -190,23 +195,24 @@ def test_resume_of_a_finished_run_changes_nothing(data_dirs, reference_runs, cap
 
 # ----------------------------------------------------------------------------- the pieces, in process
 
-def test_rng_state_round_trips_through_an_npz(tmp_path):
-    rng = np.random.default_rng(7)
-    rng.permutation(10)
-    rng.integers(0, 2 ** 31, dtype=np.uint32)  # leaves a buffered 32-bit draw in the state
-    checkpoint.save_npz(str(tmp_path / 'rng.npz'), {'rng': checkpoint.pcg64_state(rng)})
-    restored = np.random.default_rng(0)
-    checkpoint.set_pcg64_state(restored, checkpoint.load_npz(str(tmp_path / 'rng.npz'))['rng'])
-    assert restored.bit_generator.state == rng.bit_generator.state
-    assert np.array_equal(restored.permutation(1000), rng.permutation(1000))
+def test_the_batch_order_round_trips_through_a_checkpoint(tmp_path):
+    weights = {'w': np.ones(3)}
+    run = checkpoint.Run(str(tmp_path), seed=7, arrays=weights)
+    run.rng.permutation(10)
+    run.rng.integers(0, 2 ** 31, dtype=np.uint32)  # leaves a buffered 32-bit draw in the state
+    run._save()
+    restored = checkpoint.Run(str(tmp_path), seed=0, resume=True, arrays={'w': np.zeros(3)})
+    assert restored.rng.bit_generator.state == run.rng.bit_generator.state
+    assert np.array_equal(restored.rng.permutation(1000), run.rng.permutation(1000))
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     path = str(tmp_path / 'checkpoint.npz')
     checkpoint.save_npz(path, {'w': np.ones(3)})
 
-    def write_half_then_fail(f, **arrays):
-        f.write(b'PK\x03\x04 half a zip')
+    def write_half_then_fail(tmp_path, **arrays):
+        with open(tmp_path, 'wb') as f:
+            f.write(b'PK\x03\x04 half a zip')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(np, 'savez', write_half_then_fail)
     with pytest.raises(OSError, match='No space'):
@@ -226,10 +232,10 @@ class _Evil:
 def test_checkpoints_that_would_run_code_are_refused(tmp_path):
     marker = tmp_path / 'pwned'
     torch.save({'model': {}, 'epoch': _Evil(marker)}, tmp_path / 'checkpoint.pt')
-    with pytest.raises(cli.UserError, match='checkpoint.pt: not a readable checkpoint'):
+    with pytest.raises(cli.UserError, match='checkpoint.pt: not a checkpoint of this run'):
         checkpoint.load_torch(str(tmp_path / 'checkpoint.pt'))
     np.savez(tmp_path / 'checkpoint.npz', evil=np.array([_Evil(marker)], dtype=object))
-    with pytest.raises(cli.UserError, match='checkpoint.npz: not a readable checkpoint'):
+    with pytest.raises(cli.UserError, match='checkpoint.npz: not a checkpoint of this run'):
         checkpoint.load_npz(str(tmp_path / 'checkpoint.npz'))
     assert not marker.exists()
 
@@ -238,8 +244,8 @@ def test_resuming_hinge_compare_keeps_the_finished_loss_and_continues_cross_entr
                                                                                     tmp_path, capsys):
     run_dir = str(tmp_path / 'compare')
     flags = SCRIPTS['train_cifar.py'][1] + ['--compare']
-    # killed in cross-entropy's second epoch: the second training loop of the process to reach 2:3
-    process, _ = start_and_pause(command('hinge_loss.py', run_dir, data_dirs['cifar'], flags), '2:3:2', tmp_path)
+    # killed in cross-entropy's second epoch: the second training loop of the process to reach 2:2
+    process, _ = start_and_pause(command('hinge_loss.py', run_dir, data_dirs['cifar'], flags), '2:2:2', tmp_path)
     process.kill()
     process.wait(timeout=60)
     assert not os.path.exists(os.path.join(run_dir, 'compare.json'))
@@ -249,7 +255,7 @@ def test_resuming_hinge_compare_keeps_the_finished_loss_and_continues_cross_entr
     assert {'compare.md', 'compare.json', 'compare.png'} <= set(os.listdir(run_dir))
     # cross-entropy here is train_cifar.py's run with the same flags: the same weights, bit for bit
     expected = final_weights(reference_runs('train_cifar.py'), 'train_cifar.py')
-    got = final_weights(os.path.join(run_dir, 'ce'), 'train_cifar.py')
+    got = final_weights(os.path.join(run_dir, 'cross-entropy'), 'train_cifar.py')
     assert all(np.array_equal(got[key], expected[key]) for key in expected)
 
 

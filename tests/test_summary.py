@@ -1,17 +1,20 @@
-"""nn.model_summary against independent computations: shapes and parameter counts from the same net
+"""summary.model_summary against independent computations: shapes and parameter counts from the same net
 in PyTorch, receptive fields from gradients through PyTorch, kept memory from what the layers store."""
 import numpy as np
 import pytest
 import torch
 
+import fast_layers
 import layers
 import nn
+import summary as lab_summary
+import train
 
 BATCH = 50
 
 
 def torch_lab_net():
-    """The lab's net in torch.nn, one module per layer of nn.lab_mnist_net, in the same order."""
+    """The lab's net in torch.nn, one module per layer of train.make_net, in the same order."""
     return torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 32, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
@@ -21,8 +24,8 @@ def torch_lab_net():
 @pytest.fixture(scope='module')
 def summary():
     np.random.seed(0)
-    net, _ = nn.lab_mnist_net(BATCH, np.float32)
-    return net, nn.model_summary(net, BATCH)
+    net = train.make_net(fast_layers, BATCH, np.float32)
+    return net, lab_summary.model_summary(net, BATCH)
 
 
 def test_shapes_and_parameter_counts_match_torch(summary):
@@ -88,7 +91,7 @@ def test_kept_memory_is_what_the_layers_store(summary):
     assert by_name['flatten3']['bytes']['float32'] == 0
 
     np.random.seed(0)
-    net, _ = nn.lab_mnist_net(BATCH, np.float64)
+    net = train.make_net(fast_layers, BATCH, np.float64)
     nn.forward_pass(net, np.random.default_rng(0).standard_normal((BATCH, 1, 28, 28)))
     stored = {'conv': 'x_cols', 'pool': 'argmax', 'relu': 'positive', 'fc3': 'inputs', 'logits': 'inputs'}
     for layer in net:
@@ -99,7 +102,7 @@ def test_kept_memory_is_what_the_layers_store(summary):
 
 def test_summary_table_prints_the_answers(summary):
     net, rows = summary
-    text = nn.format_summary(rows, net[0].input_shape)
+    text = lab_summary.format_summary(rows, net[0].input_shape)
     assert '821,706' in text and '14x14' in text and 'all 28x28' in text
     assert text.splitlines()[-1].startswith('total')
 
@@ -110,7 +113,7 @@ def test_receptive_field_with_strided_pooling():
     net = [layers.Convolution(x, 4, 5, 'conv1')]
     net += [layers.MaxPooling(net[-1], 'pool1', pool_size=3, stride=2)]
     net += [layers.Convolution(net[-1], 4, 5, 'conv2')]
-    rows = nn.model_summary(net, 2)
+    rows = lab_summary.model_summary(net, 2)
     # conv1: 5; pool 3 over jump 1: 5 + 2 = 7, jump 2; conv2 5 over jump 2: 7 + 4*2 = 15
     assert [row['rf'] for row in rows[:3]] == [5, 7, 15]
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5, padding=2), torch.nn.MaxPool2d(3, 2),

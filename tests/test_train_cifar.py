@@ -14,7 +14,7 @@ import data
 import metrics
 from conftest import ROOT
 from hinge_loss import multiclass_hinge_loss
-from train_cifar import ConvNet, batch_loader, worst_mistakes
+from train_cifar import ConvNet, worst_mistakes
 
 SCRIPT = os.path.join(ROOT, 'train_cifar.py')
 
@@ -30,17 +30,6 @@ def test_model_shapes(padding, features):
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_batch_loader_yields_every_image_once_per_epoch_in_seeded_order():
-    x, y = torch.arange(120.).reshape(120, 1), torch.arange(120)
-    batches = list(batch_loader(x, y, 50, torch.Generator().manual_seed(1)))
-    assert [len(bx) for bx, _ in batches] == [50, 50, 20]
-    seen = torch.cat([by for _, by in batches])
-    assert sorted(seen.tolist()) == list(range(120)) and seen.tolist() != list(range(120))
-    assert all(torch.equal(bx[:, 0].long(), by) for bx, by in batches)  # images and labels stay paired
-    again = torch.cat([by for _, by in batch_loader(x, y, 50, torch.Generator().manual_seed(1))])
-    assert torch.equal(seen, again)
-
-
 @pytest.mark.parametrize('loss_fn', [torch.nn.functional.cross_entropy, multiclass_hinge_loss])
 def test_worst_mistakes_are_the_misclassified_with_the_highest_loss(loss_fn):
     logits = torch.tensor([[5.0, 0, 0],   # right
@@ -49,8 +38,14 @@ def test_worst_mistakes_are_the_misclassified_with_the_highest_loss(loss_fn):
                            [0, 3.0, 0],   # right
                            [4.0, 0, 0]])  # wrong, in between
     y = torch.tensor([0, 0, 1, 1, 2])
-    assert worst_mistakes(logits, y, loss_fn, 20).tolist() == [2, 4, 1]
-    assert worst_mistakes(logits, y, loss_fn, 2).tolist() == [2, 4]
+    names = ['a', 'b', 'c']
+    worst = worst_mistakes(logits, y, loss_fn, names, 20)
+    assert [m['index'] for m in worst] == [2, 4, 1]
+    assert [m['true'] for m in worst] == ['b', 'c', 'a']
+    assert [m['top3'][0][0] for m in worst] == ['c', 'a', 'b']  # the predicted class comes first
+    assert all(m['top3'][0][1] >= m['top3'][1][1] >= m['top3'][2][1] for m in worst)
+    assert worst[0]['loss'] == pytest.approx(loss_fn(logits[2:3], y[2:3]).item())
+    assert [m['index'] for m in worst_mistakes(logits, y, loss_fn, names, 2)] == [2, 4]
 
 
 def test_quick_run_writes_every_file(synthetic_cifar, tmp_path):
@@ -59,18 +54,17 @@ def test_quick_run_writes_every_file(synthetic_cifar, tmp_path):
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / 'quick'
     assert sorted(os.listdir(run_dir)) == ['best_model.pt', 'checkpoint.pt', 'config.json', 'confusion_matrix.png',
-                                           'conv1_epoch_00.png', 'conv1_epoch_01.png', 'misclassified.png',
-                                           'results.json', 'training_progress.png']
+                                           'conv1_epoch_00_step_000000.png', 'conv1_epoch_01_step_000002.png',
+                                           'misclassified.png', 'results.json', 'training_plot.png']
     results = json.loads((run_dir / 'results.json').read_text())
-    assert results['config']['epochs'] == 1 and results['config']['padding'] == 2 and results['loss'] == 'ce'
+    assert results['config']['epochs'] == 1 and results['config']['padding'] == 2
+    assert results['loss'] == 'Cross-entropy loss'
     assert results['data'] | {'mean': None, 'std': None} == {
         'name': 'CIFAR-10 (JPEG stand-in)', 'originals': False, 'num_train': 100, 'num_valid': 40, 'num_test': 40,
         'mean': None, 'std': None}
-    history = results['history']
-    assert {len(values) for values in history.values()} == {1}
-    assert history['lr'] == [0.1] and results['best_epoch'] == 1
+    [record] = results['epochs']
+    assert record['lr'] == 0.1 and results['best_epoch'] == 1 and record['valid_acc'] == results['best_valid_acc']
     assert results['seconds_per_epoch'] > 0 and results['images_per_second'] > 0
-    assert history['valid_acc'][0] == results['valid']['accuracy']
     assert list(results['test']['recall']) == data.CIFAR_CLASSES and len(results['test']['precision']) == 10
     assert np.array(results['test']['confusion']).sum() == 40
 
@@ -81,10 +75,10 @@ def test_quick_run_writes_every_file(synthetic_cifar, tmp_path):
     scores = metrics.evaluate(model, torch.from_numpy(prepared['test_x']), torch.from_numpy(prepared['test_y']))
     assert scores['accuracy'] == pytest.approx(results['test']['accuracy'])
 
-    filters = skimage.io.imread(run_dir / 'conv1_epoch_00.png')
+    filters = skimage.io.imread(run_dir / 'conv1_epoch_00_step_000000.png')
     assert filters.ndim == 3 and filters.shape[2] == 3  # conv1's filters in colour
-    assert not np.array_equal(filters, skimage.io.imread(run_dir / 'conv1_epoch_01.png'))  # training moved them
-    for figure in ('training_progress.png', 'confusion_matrix.png', 'misclassified.png'):
+    assert not np.array_equal(filters, skimage.io.imread(run_dir / 'conv1_epoch_01_step_000002.png'))  # they learned
+    for figure in ('training_plot.png', 'confusion_matrix.png', 'misclassified.png'):
         assert skimage.io.imread(run_dir / figure).shape[0] > 300
 
 
@@ -104,4 +98,4 @@ def test_learns_on_the_real_stand_in(cifar_dir, tmp_path):
     results = json.loads((tmp_path / 'real' / 'results.json').read_text())
     assert results['data']['num_train'] == 3000 and results['data']['num_test'] == 10000
     assert results['test']['accuracy'] > 0.25  # chance is 0.10
-    assert results['valid']['accuracy'] > 0.25
+    assert results['best_valid_acc'] > 0.25

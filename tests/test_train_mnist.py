@@ -8,16 +8,19 @@ import sys
 import numpy as np
 import pytest
 
-import cli
+import checkpoint
 import data
+import fast_layers
+import layers
 import nn
 import train
 import train_l2reg
 from conftest import ROOT, make_synthetic_mnist
 
-EPOCH_KEYS = ['epoch', 'lr', 'train_loss', 'train_acc', 'valid_loss', 'valid_acc', 'data_loss', 'reg_loss',
-              'seconds', 'images_per_second']
-RESULT_KEYS = ['config', 'initial_loss', 'epochs', 'test_loss', 'test_acc', 'seconds_per_epoch', 'images_per_second']
+EPOCH_KEYS = ['epoch', 'lr', 'train_loss', 'train_acc', 'valid_loss', 'valid_acc', 'reg_loss', 'seconds',
+              'images_per_second']
+RESULT_KEYS = ['config', 'epochs', 'initial_loss', 'initial_reg_loss', 'initial_acc', 'test_loss', 'test_acc',
+               'finished', 'seconds_per_epoch', 'images_per_second']
 
 
 @pytest.fixture(scope='module')
@@ -31,18 +34,19 @@ def parse(*flags):
     return train.make_parser().parse_args(['--draw-every', '1000', *flags])
 
 
-def train_small(mnist, run_dir, policy='1:0.1', epochs=2, **overrides):
+def train_small(mnist, run_dir, policy='1:0.1', epochs=2, net=None):
+    """nn.train on the lab's net (fast layers, seed 0) -> (net, results)."""
     np.random.seed(0)
-    net, loss = nn.lab_mnist_net(50, np.float32)
-    results = {'epochs': []}
-    nn.train(net, loss, mnist, str(run_dir), results, epochs=epochs, batch_size=50,
-             lr_policy=cli.parse_lr_policy(policy), **overrides)
-    return net, results
+    net = net or train.make_net(fast_layers, 50, np.float32)
+    run = checkpoint.Run(str(run_dir), seed=0, arrays=nn.parameters(net))
+    nn.train(net, layers.SoftmaxCrossEntropyWithLogits(), mnist, run, epochs=epochs, batch_size=50,
+             lr_policy=train.parse_lr_policy(policy), draw_every=1000)
+    return net, run.results
 
 
 def test_the_lab_lr_policy():
-    policy = cli.parse_lr_policy(cli.LAB_LR_POLICY)
-    assert [cli.lr_at(policy, epoch) for epoch in range(1, 9)] == [1e-1, 1e-1, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4]
+    policy = train.parse_lr_policy(train.LR_POLICY)
+    assert [nn.lr_at(policy, epoch) for epoch in range(1, 9)] == [1e-1, 1e-1, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4]
     assert train.make_parser().parse_args([]).lr_policy == policy  # the scripts' default
 
 
@@ -80,8 +84,7 @@ def test_results_json_schema_and_outputs(small_mnist, tmp_path):
     assert [list(record) for record in saved['epochs']] == [EPOCH_KEYS] * 2
     assert saved['config']['epochs'] == 2 and saved['config']['batch_size'] == 50
     for record in saved['epochs']:
-        assert 0 <= record['train_acc'] <= 1 and 0 <= record['valid_acc'] <= 1
-        assert record['reg_loss'] == 0 and record['train_loss'] == record['data_loss']
+        assert 0 <= record['train_acc'] <= 1 and 0 <= record['valid_acc'] <= 1 and record['reg_loss'] == 0
     assert 0 <= saved['test_acc'] <= 1
     assert saved['epochs'][-1]['train_loss'] < saved['initial_loss']  # it learned something
     # the initial loss of a fresh net is about ln(10): a nearly uniform softmax over 10 classes
@@ -92,31 +95,32 @@ def test_results_json_schema_and_outputs(small_mnist, tmp_path):
 
 
 def test_regularized_losses_add_up(small_mnist, tmp_path):
-    results, net = train.train_model(parse('--epochs', '1'), small_mnist, str(tmp_path), weight_decay=0.01)
+    results, net = train.train_model(parse('--epochs', '1'), small_mnist, str(tmp_path),
+                                     lambda net: train_l2reg.regularized_loss(net, 0.01))
     record = results['epochs'][0]
     weights = nn.parameters(net)
     expected_reg = 0.005 * sum(np.sum(weights[f'{name}.weights'].astype(np.float64) ** 2)
                                for name in ('conv1', 'conv2', 'fc3'))
     assert record['reg_loss'] == pytest.approx(expected_reg, rel=1e-5)
-    assert record['train_loss'] == pytest.approx(record['data_loss'] + record['reg_loss'])
+    # the recorded losses are the cross-entropy alone: the L2 term is recorded beside them
+    plain, _ = nn.evaluate(net, layers.SoftmaxCrossEntropyWithLogits(), small_mnist['train_x'], small_mnist['train_y'])
+    assert record['train_loss'] == pytest.approx(plain, rel=1e-6)
 
 
 def test_injected_nan_stops_at_the_first_step(small_mnist, tmp_path):
     np.random.seed(0)
-    net, loss = nn.lab_mnist_net(50, np.float32)
+    net = train.make_net(fast_layers, 50, np.float32)
     net[0].weights[0, 0] = np.nan
-    with pytest.raises(nn.Diverged, match=r'nan at epoch 1, step 1 of 4.*init_weights.npz'):
-        nn.train(net, loss, small_mnist, str(tmp_path), {'epochs': []}, epochs=1, batch_size=50,
-                 lr_policy={1: 0.1})
-    assert (tmp_path / 'init_weights.npz').is_file() and not (tmp_path / 'weights.npz').exists()
+    with pytest.raises(checkpoint.Diverged, match=r'nan at epoch 1, step 1;.*after epoch 0'):
+        train_small(small_mnist, tmp_path, epochs=1, net=net)
+    assert not (tmp_path / 'results.json').exists()
 
 
 def test_huge_lr_stops_training_and_keeps_the_last_good_weights(small_mnist, tmp_path):
-    with pytest.raises(nn.Diverged, match=r'epoch 2.*weights.npz') as error:
+    with pytest.raises(checkpoint.Diverged, match=r'epoch 2.*after epoch 1'):
         train_small(small_mnist, tmp_path, policy='1:0.01,2:1e9', epochs=2)
-    assert 'init_weights' not in str(error.value)
-    with np.load(tmp_path / 'weights.npz') as saved:  # epoch 1's weights, untouched by epoch 2
-        assert all(np.isfinite(saved[key]).all() for key in saved.files)
+    saved = checkpoint.load_npz(str(tmp_path / checkpoint.NPZ))  # epoch 1's weights, untouched by epoch 2
+    assert all(np.isfinite(saved[key]).all() for key in saved if key != 'run')
     with open(tmp_path / 'results.json') as f:
         assert [record['epoch'] for record in json.load(f)['epochs']] == [1]
 
@@ -133,9 +137,13 @@ def test_summary_only(tmp_path):
 
 
 def test_sweep_writes_the_comparison(small_mnist, tmp_path, capsys):
-    args = train.make_parser(weight_decay=1e-3).parse_args(
-        ['--epochs', '1', '--draw-every', '1000', '--sweep', '0', '0.1'])
-    rows = train_l2reg.sweep(args, small_mnist, str(tmp_path), args.sweep)
+    args = train_l2reg.make_parser().parse_args(['--epochs', '1', '--draw-every', '1000', '--sweep', '0', '0.1'])
+
+    def train_one(run_args, run_dir):
+        results, net = train.train_model(run_args, small_mnist, run_dir,
+                                         lambda net: train_l2reg.regularized_loss(net, run_args.weight_decay))
+        return results, nn.parameters(net)
+    rows = train_l2reg.sweep(args, str(tmp_path), train_one)
     for name in ('sweep.json', 'sweep.md', 'sweep_filters.png'):
         assert (tmp_path / name).is_file(), name
     with open(tmp_path / 'sweep.json') as f:
@@ -144,7 +152,7 @@ def test_sweep_writes_the_comparison(small_mnist, tmp_path, capsys):
     for row, folder in zip(rows, ('wd_0', 'wd_0.1')):
         with open(tmp_path / folder / 'results.json') as f:
             results = json.load(f)
-        assert results['config']['weight_decay'] == row['weight_decay'] and results['config']['sweep'] is None
+        assert results['config']['weight_decay'] == row['weight_decay']
         assert row['test_acc'] == results['test_acc'] and row['reg_loss'] == results['epochs'][-1]['reg_loss']
         with np.load(tmp_path / folder / 'weights.npz') as weights:
             assert row['conv1_mean_abs_weight'] == pytest.approx(np.abs(weights['conv1.weights']).mean())
