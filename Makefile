@@ -1,5 +1,6 @@
 # Two commands do all the set-up:  make train  (set up, then run train.py)
 #                                  make test   (set up, then run the whole test suite)
+# make lab runs the whole lab (lab.py) and writes runs/lab/REPORT.md.
 # Both create .venv, install requirements.txt and build the Cython extension, each only when
 # its inputs changed, so the second call starts at once. Pass script flags with ARGS="...".
 PYTHON ?= python3
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BUILT := .im2col_built
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench lab clean
 
 setup: $(BUILT)
 
@@ -29,6 +30,9 @@ test: setup
 
 bench: setup
 	$(PY) bench_layers.py $(ARGS)
+
+lab: setup
+	$(PY) lab.py $(ARGS)
 
 clean:
 	rm -rf build im2col_cython.c im2col_cython*.so $(BUILT)

@@ -598,21 +598,30 @@ def _channel_mean_std(images):
     return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
 
 
+def shuffle_data(data_x, data_y, rng):
+    """The lab's function: the examples (N, ...) and their labels (N,) in one random order, drawn from `rng`
+    (a np.random.Generator, seeded: the same split every run)."""
+    indices = rng.permutation(data_x.shape[0])
+    return np.ascontiguousarray(data_x[indices]), np.ascontiguousarray(data_y[indices])
+
+
 def prepare_cifar10(data_dir, valid_size=5000, seed=42, download=True):
-    """The lab's CIFAR-10: `valid_size` random training images (seeded) for validation,
-    per-channel mean/std of the remaining training images applied to all three splits.
+    """The lab's CIFAR-10, as its snippet prepares it: the training images shuffled (shuffle_data, seeded),
+    the first `valid_size` of them for validation, the per-channel mean/std of the rest applied to all
+    three splits.
 
     Images float32 (N, 3, 32, 32) in normalised units, labels int64; 'mean' and 'std' (3,) are
-    per channel on the [0, 1] scale, for undoing the normalisation (denormalise); also
+    per channel on the [0, 1] scale, for undoing the normalisation (plots.draw_image); also
     'class_names' and 'originals' from load_cifar10.
     """
     raw = load_cifar10(data_dir, download)
     num_images = raw['train_x'].shape[0]
     if not 0 < valid_size < num_images:
         raise DataError(f"cannot hold out {valid_size} of {num_images} CIFAR-10 training images for validation")
-    order = np.random.default_rng(seed).permutation(num_images)
-    valid_idx, train_idx = order[:valid_size], order[valid_size:]
-    mean, std = _channel_mean_std(raw['train_x'][train_idx])
+    shuffled_x, shuffled_y = shuffle_data(raw['train_x'], raw['train_y'], np.random.default_rng(seed))
+    valid_x, valid_y, train_x, train_y = (shuffled_x[:valid_size], shuffled_y[:valid_size],
+                                          shuffled_x[valid_size:], shuffled_y[valid_size:])
+    mean, std = _channel_mean_std(train_x)
 
     def normalise(images):  # in place on the float copy: the training split alone is 550 MB
         x = images.astype(np.float32)
@@ -621,14 +630,7 @@ def prepare_cifar10(data_dir, valid_size=5000, seed=42, download=True):
         return x
 
     return {
-        'train_x': normalise(raw['train_x'][train_idx]), 'train_y': raw['train_y'][train_idx],
-        'valid_x': normalise(raw['train_x'][valid_idx]), 'valid_y': raw['train_y'][valid_idx],
+        'train_x': normalise(train_x), 'train_y': train_y, 'valid_x': normalise(valid_x), 'valid_y': valid_y,
         'test_x': normalise(raw['test_x']), 'test_y': raw['test_y'],
         'mean': mean, 'std': std, 'class_names': raw['class_names'], 'originals': raw['originals'],
     }
-
-
-def denormalise(images, mean, std):
-    """Normalised (N, 3, H, W) float -> uint8 RGB (N, H, W, 3) for display."""
-    rgb = images.transpose(0, 2, 3, 1) * std + mean
-    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)

@@ -131,6 +131,36 @@ def save_filter_panels(path, panels, title=None):
     return _save(fig, path, title)
 
 
+def draw_net(path, rows, title=None):
+    """The lab's "sketch the model": one box per layer, input at the top, each with its output shape (without
+    the batch), parameters and receptive field; rows from summary.model_summary."""
+    layer_rows = [row for row in rows if row['name'] != 'loss']
+    fig, ax = plt.subplots(figsize=(6.4, 0.75 * len(layer_rows) + 0.6))
+    for i, row in enumerate(layer_rows):
+        y = len(layer_rows) - 1 - i
+        shape = ' x '.join(map(str, row['shape'][1:]))
+        if row['name'] == 'input':
+            rf = ''
+        else:
+            rf = ", sees all pixels" if row['rf'] is None else f", sees {row['rf']}x{row['rf']} pixels"
+        params = f"{row['params']:,} parameters" if row['params'] else 'no parameters'
+        ax.add_patch(matplotlib.patches.FancyBboxPatch((0.05, y + 0.15), 0.9, 0.6, boxstyle="round,pad=0.02",
+                                                       facecolor="#dbe9f6" if row['params'] else "#f2f2f2",
+                                                       edgecolor="#4a6f8a"))
+        ax.text(0.08, y + 0.45, row['name'], fontsize=10, fontweight="bold", va="center")
+        ax.text(0.3, y + 0.55, shape, fontsize=9, va="center")
+        ax.text(0.3, y + 0.32, params + rf, fontsize=8, va="center", color="#444444")
+        if i:
+            ax.annotate("", xy=(0.5, y + 0.75), xytext=(0.5, y + 1.15),
+                        arrowprops=dict(arrowstyle="->", color="#4a6f8a"))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, len(layer_rows))
+    ax.axis("off")
+    total = sum(row['params'] for row in rows)
+    return _save(fig, path, title or f"The lab's net: {total:,} parameters\n"
+                                     f"(shapes per image; 'sees': the receptive field in input pixels)")
+
+
 def save_confusion_matrix(path, confusion, class_names, title=None):
     """Heatmap of a confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
     confusion = np.asarray(confusion)

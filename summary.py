@@ -1,7 +1,7 @@
 """Task 1's questions about the lab's net, answered from the layer objects themselves.
 
-    rows = model_summary(net)              # shapes, parameters, receptive fields, memory per layer
-    print(format_summary(rows, net[0].input_shape))
+    rows = model_summary(net)          # per layer: output shape, parameters, receptive field, memory
+    print(format_summary(rows))        # the table, then the memory for backprop both ways
 """
 import numpy as np
 
@@ -9,23 +9,27 @@ import layers
 
 
 def model_summary(net, batch_size=50):
-    """Answers task 1's questions from the layers themselves: one dict per layer, then one for the loss.
+    """One dict per layer, computed by running one forward pass of zeros through the net:
 
-    shape:   the layer's output shape for a batch of `batch_size`
-    params:  number of weights and biases
-    rf:      receptive field of one output unit in input pixels, per side (None: the whole input).
-             Propagated from the input: a k x k window over units `jump` pixels apart adds
-             (k - 1) * jump pixels, and a stride multiplies jump. Units at the border see part of it as padding.
-    kept:    what the layer's forward keeps for backward, e.g. 'x_cols float32 (25, 25, 1568)' (conv1's
-             im2col columns, in blocks of 2 images); found by running one forward pass of zeros,
-             so it is what the code stores, not what a textbook says
-    bytes:   {'float32': ..., 'float64': ...}: memory of what is kept if the net ran in that dtype
-             (float arrays scale with the dtype; masks and indices do not)
+    name, shape: the layer's output shape for a batch of `batch_size` (the first row, 'input', is the input)
+    params:      number of weights and biases
+    rf:          receptive field of one output unit in input pixels, per side (None: the whole input).
+                 Propagated from the input: a k x k window over units `jump` pixels apart adds
+                 (k - 1) * jump pixels, and a stride multiplies jump. Border units see part of it as padding.
+    activations: values of the layer's output, the textbook's count of what backprop needs (each layer's
+                 gradients need its input, which is the output below); 0 where the output is a view of
+                 the input (Flatten), which takes no memory of its own
+    kept:        what the layer's forward stores for its backward, e.g. 'x_cols float32 (400, 9800)';
+                 what this code holds, not what a textbook says
+    bytes:       {'float32': ..., 'float64': ...}: memory of what is kept if the net ran in that dtype
+                 (float arrays scale with the dtype; masks and indices do not)
     """
     x = np.zeros((batch_size,) + tuple(net[0].input_shape[1:]), dtype=net[0].dtype)
-    rows, rf, jump = [], 1, 1
+    rows = [{'name': 'input', 'shape': x.shape, 'params': 0, 'rf': 1, 'activations': x.size, 'kept': '-',
+             'bytes': {'float32': 0, 'float64': 0}}]
+    rf, jump = 1, 1
     for layer in net:
-        x = layer.forward(x)
+        out = layer.forward(x)
         kept = {name: value for name, value in vars(layer).items()
                 if isinstance(value, np.ndarray) and name not in ('weights', 'bias')}
         if isinstance(layer, layers.Convolution):
@@ -34,12 +38,14 @@ def model_summary(net, batch_size=50):
             rf, jump = rf + (layer.pool_size - 1) * jump, jump * layer.stride
         elif isinstance(layer, layers.FC):
             rf = None  # every output sees every input
-        rows.append({'name': layer.name, 'shape': x.shape,
-                     'params': layer.weights.size + layer.bias.size if layer.has_params else 0, 'rf': rf,
+        rows.append({'name': layer.name, 'shape': out.shape, 'rf': rf,
+                     'params': layer.weights.size + layer.bias.size if layer.has_params else 0,
+                     'activations': 0 if np.shares_memory(out, x) else out.size,
                      'kept': ', '.join(f'{name} {value.dtype} {value.shape}' for name, value in kept.items()) or '-',
                      'bytes': _bytes_by_dtype(kept.values())})
+        x = out
     # The loss's backward recomputes the softmax from the logits, which the training loop holds until then.
-    rows.append({'name': 'loss', 'shape': (), 'params': 0, 'rf': None,
+    rows.append({'name': 'loss', 'shape': (), 'params': 0, 'rf': None, 'activations': 0,
                  'kept': f'logits {x.dtype} {x.shape}', 'bytes': _bytes_by_dtype([x])})
     return rows
 
@@ -49,24 +55,53 @@ def _bytes_by_dtype(arrays):
             for dtype in ('float32', 'float64')}
 
 
-def _human_bytes(num_bytes):
+def memory(rows):
+    """The memory question, both ways, from model_summary's rows: a dict of the numbers format_summary explains."""
+    activations = sum(row['activations'] for row in rows)
+    conv_cols = [row for row in rows if 'x_cols' in row['kept']]
+    cols_values = sum(row['bytes']['float64'] // 8 for row in conv_cols)
+    conv_inputs = sum(previous['activations'] for previous, row in zip(rows, rows[1:]) if row in conv_cols)
+    return {'batch_size': rows[0]['shape'][0], 'activations': activations,
+            'activations_bytes': {'float32': 4 * activations, 'float64': 8 * activations},
+            'kept_bytes': {dtype: sum(row['bytes'][dtype] for row in rows) for dtype in ('float32', 'float64')},
+            'im2col_values': cols_values, 'conv_input_values': conv_inputs,
+            'im2col_bytes': {'float32': 4 * cols_values, 'float64': 8 * cols_values}}
+
+
+def human_bytes(num_bytes):
     for unit in ('B', 'kB', 'MB'):
         if num_bytes < 1000 or unit == 'MB':
             return f'{num_bytes:.0f} {unit}' if unit == 'B' else f'{num_bytes:.1f} {unit}'
         num_bytes /= 1000
 
 
-def format_summary(rows, input_shape):
-    """model_summary's rows as a text table with totals; input_shape (N, C, H, W) names the full field."""
-    lines = [f"{'layer':9} {'output shape':17} {'params':>8} {'receptive field':>15} "
+def format_summary(rows):
+    """model_summary's rows as a text table with totals, then the memory for backprop explained."""
+    size = rows[0]['shape'][-2:]
+    lines = [f"{'layer':9} {'output shape':17} {'params':>8} {'receptive field':>15} {'activations':>11} "
              f"{'kept: float32':>13} {'float64':>9}  what backward needs"]
     for row in rows:
-        rf = '' if row['name'] == 'loss' else \
-            f"all {input_shape[-2]}x{input_shape[-1]}" if row['rf'] is None else f"{row['rf']}x{row['rf']}"
-        lines.append(f"{row['name']:9} {str(row['shape']):17} {row['params']:>8,} {rf:>15} "
-                     f"{_human_bytes(row['bytes']['float32']):>13} {_human_bytes(row['bytes']['float64']):>9}  "
+        rf = '' if row['name'] in ('input', 'loss') else \
+            f"all {size[0]}x{size[1]}" if row['rf'] is None else f"{row['rf']}x{row['rf']}"
+        lines.append(f"{row['name']:9} {str(row['shape']):17} {row['params']:>8,} {rf:>15} {row['activations']:>11,} "
+                     f"{human_bytes(row['bytes']['float32']):>13} {human_bytes(row['bytes']['float64']):>9}  "
                      f"{row['kept']}")
-    totals = {dtype: sum(row['bytes'][dtype] for row in rows) for dtype in ('float32', 'float64')}
-    lines.append(f"{'total':9} {'':17} {sum(row['params'] for row in rows):>8,} {'':>15} "
-                 f"{_human_bytes(totals['float32']):>13} {_human_bytes(totals['float64']):>9}")
+    m = memory(rows)
+    lines.append(f"{'total':9} {'':17} {sum(row['params'] for row in rows):>8,} {'':>15} {m['activations']:>11,} "
+                 f"{human_bytes(m['kept_bytes']['float32']):>13} {human_bytes(m['kept_bytes']['float64']):>9}")
+    saved = m['im2col_values'] - m['conv_input_values']
+    lines += [
+        '', f"Memory for backprop at batch {m['batch_size']}:",
+        f"  textbook estimate: the activations, i.e. the input and every layer's output, each once: "
+        f"{m['activations']:,} values = {human_bytes(m['activations_bytes']['float32'])} in float32, "
+        f"{human_bytes(m['activations_bytes']['float64'])} in float64. Backprop needs them because every layer's "
+        f"gradients need its input (the output below it); a view (Flatten) takes no memory of its own.",
+        f"  this code keeps {human_bytes(m['kept_bytes']['float32'])} in float32 "
+        f"({human_bytes(m['kept_bytes']['float64'])} in float64): what each forward stores for its backward. "
+        f"The im2col columns repeat every input pixel once per kernel tap, so the convolutions' "
+        f"{m['conv_input_values']:,} input values become {m['im2col_values']:,} column entries "
+        f"({human_bytes(m['im2col_bytes']['float32'])} in float32); pooling keeps the indices of its maxima and "
+        f"ReLU a boolean mask instead of their outputs. Recomputing the columns from the inputs in "
+        f"backward_params would keep {saved:,} fewer values ({human_bytes(4 * saved)} in float32) "
+        f"for one more im2col per step."]
     return '\n'.join(lines)

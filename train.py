@@ -1,14 +1,15 @@
 """Task 1: the lab's conv-net on MNIST, trained with the hand-written NumPy framework.
 
     python train.py                    # the lab's run: 8 epochs of SGD, batch 50, lr 0.1 decaying 10x every 2 epochs
-    python train.py --summary-only     # the model questions: shapes, parameters, receptive fields, memory
+    python train.py --summary-only     # the model questions: shapes, parameters, receptive fields, memory, a sketch
     python train.py --limit 2000 --epochs 2   # a quick look
     python train.py --layers textbook  # the same run with layers.py instead of its fast twins (fast_layers.py)
     python train.py --resume runs/train-20261127-101500   # go on after Ctrl-C, a kill or a crash
 
-Writes into <save-dir>/<run-name>/: config.json (the command line, for --resume), conv1's filters as PNGs
-while it learns, training_plot.png, init_weights.npz, weights.npz, results.json and checkpoint.npz
-(after every epoch, and at the step where Ctrl-C or SIGTERM stopped it: what --resume continues from).
+Writes into <save-dir>/<run-name>/: config.json (the command line, for --resume), summary.json and net.png
+(the model questions and a sketch of the net), conv1's filters as PNGs while it learns, training_plot.png,
+init_weights.npz, weights.npz, results.json and checkpoint.npz (after every epoch, and at the step where
+Ctrl-C or SIGTERM stopped it: what --resume continues from).
 """
 import argparse
 import math
@@ -93,7 +94,8 @@ def make_parser(description=__doc__):
     parser.add_argument('--layers', choices=sorted(LAYERS), default='fast',
                         help='fast: fast_layers.py; textbook: layers.py, the same results, slower (default: fast)')
     parser.add_argument('--summary-only', action='store_true',
-                        help='print the model summary (shapes, parameters, receptive fields, memory) and exit')
+                        help='only answer the model questions (shapes, parameters, receptive fields, memory): '
+                             'print them, write summary.json and the sketch net.png, and exit')
     return parser
 
 
@@ -108,11 +110,15 @@ def check_args(args):
                             + (" left by --limit" if args.limit else ""))
 
 
-def print_summary(args):
+def write_summary(args, run_dir):
+    """Task 1's questions answered from the net's layers: the table on stdout, summary.json and the sketch
+    net.png in run_dir."""
     net = make_net(LAYERS[args.layers], args.batch_size, np.dtype(args.dtype).type)
-    print(f"The lab's net for a batch of {args.batch_size}; 'kept' is the memory backprop needs "
-          f"(what each layer's forward stores for its backward):")
-    print(summary.format_summary(summary.model_summary(net, args.batch_size), net[0].input_shape))
+    rows = summary.model_summary(net, args.batch_size)
+    print(f"The lab's net ({args.layers} layers, {args.dtype}) for a batch of {args.batch_size}:\n"
+          f"{summary.format_summary(rows)}")
+    cli.write_json(os.path.join(run_dir, 'summary.json'), {'layers': rows, 'memory': summary.memory(rows)})
+    plots.draw_net(os.path.join(run_dir, 'net.png'), rows)
 
 
 def load_data(args):
@@ -167,12 +173,11 @@ def train_model(args, mnist, run_dir, make_loss=lambda net: layers.SoftmaxCrossE
 def main(argv=None):
     args = cli.parse_args(make_parser(), SCRIPT, argv)
     check_args(args)
-    if args.summary_only:
-        print_summary(args)
-        return
-    mnist = load_data(args)
+    mnist = None if args.summary_only else load_data(args)
     run_dir = cli.open_run_dir(args, SCRIPT, argv)
-    print_summary(args)
+    write_summary(args, run_dir)
+    if args.summary_only:
+        return
     with cli.resume_hint(SCRIPT, run_dir):
         train_model(args, mnist, run_dir)
 

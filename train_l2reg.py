@@ -97,12 +97,11 @@ def main(argv=None):
     args = cli.parse_args(make_parser(), SCRIPT, argv)
     train.check_args(args)
     lambdas = sweep_lambdas(args)
-    if args.summary_only:
-        train.print_summary(args)
-        return
-    mnist = train.load_data(args)
+    mnist = None if args.summary_only else train.load_data(args)
     run_dir = cli.open_run_dir(args, SCRIPT, argv)
-    train.print_summary(args)
+    train.write_summary(args, run_dir)
+    if args.summary_only:
+        return
 
     def train_one(run_args, sub_dir):
         results, net = train.train_model(run_args, mnist, sub_dir,

@@ -304,10 +304,13 @@ def compare_with_numpy(x, y, steps, batch_size, lr, weight_decay, seed, layers, 
     return rows, weight_diffs
 
 
-def run_comparison(args, device):
+def run_comparison(args, device, argv=None):
+    """--compare-numpy: prints every step's two losses and the weights' differences, and writes them to
+    compare_numpy.json in a run folder of its own; returns whether the two frameworks agree."""
     lr = args.lr_policy[1]
     num_images = args.steps * args.batch_size
     mnist = data.prepare_mnist(args.data_dir, np.float64, valid_size=args.valid_size)
+    run_dir = cli.open_run_dir(args, SCRIPT, argv)
     print(f"NumPy ({args.layers} layers) vs PyTorch, float64: {args.steps} SGD steps, lr {lr:g}, lambda "
           f"{args.weight_decay:g}, batches of {args.batch_size} from the first {num_images} training images in "
           f"order, the same initial weights (NumPy's, seed {args.seed}).")
@@ -326,6 +329,10 @@ def run_comparison(args, device):
     verdict = 'EQUAL' if max(worst_loss, worst_weight) <= COMPARE_TOLERANCE else 'DIFFERENT'
     print(f"max rel diff: loss {worst_loss:.2e}, weights {worst_weight:.2e} "
           f"(tolerance {COMPARE_TOLERANCE:g}) -> {verdict}")
+    cli.write_json(os.path.join(run_dir, 'compare_numpy.json'), {
+        'config': vars(args), 'steps': [dict(zip(('step', 'numpy_loss', 'torch_loss', 'rel_diff'), row)) for row in rows],
+        'weight_rel_diffs': weight_diffs, 'max_loss_rel_diff': worst_loss, 'max_weight_rel_diff': worst_weight,
+        'tolerance': COMPARE_TOLERANCE, 'verdict': verdict})
     return verdict == 'EQUAL'
 
 
@@ -336,7 +343,7 @@ def main(argv=None):
     device = cli.torch_device(args.device)
     if args.compare_numpy:
         # float64 on both sides: any difference beyond rounding is a real mismatch, not float32 noise.
-        if not run_comparison(args, device):
+        if not run_comparison(args, device, argv):
             sys.exit(1)
         return
     if args.init_from and args.resume is None:  # a bad file is reported before any data is read

@@ -32,8 +32,9 @@ def test_shapes_and_parameter_counts_match_torch(summary):
     net, rows = summary
     model = torch_lab_net()
     x = torch.zeros(BATCH, 1, 28, 28)
-    assert [row['name'] for row in rows] == [layer.name for layer in net] + ['loss']
-    for row, module in zip(rows, model):
+    assert [row['name'] for row in rows] == ['input'] + [layer.name for layer in net] + ['loss']
+    assert rows[0]['shape'] == (BATCH, 1, 28, 28)
+    for row, module in zip(rows[1:], model):
         x = module(x)
         assert row['shape'] == tuple(x.shape), row['name']
         assert row['params'] == sum(p.numel() for p in module.parameters()), row['name']
@@ -68,7 +69,7 @@ def receptive_field_by_gradient(model, depth):
 def test_receptive_fields_match_gradients_through_torch(summary):
     _, rows = summary
     model = torch_lab_net()
-    for depth, row in enumerate(rows[:6], start=1):  # conv1 .. relu2: the spatial layers
+    for depth, row in enumerate(rows[1:7], start=1):  # conv1 .. relu2: the spatial layers
         assert receptive_field_by_gradient(model, depth) == (row['rf'], row['rf']), row['name']
     by_name = {row['name']: row['rf'] for row in rows}
     assert by_name['conv2'] == 14  # the lab's question: features of the last conv layer see 14x14 pixels
@@ -100,11 +101,39 @@ def test_kept_memory_is_what_the_layers_store(summary):
         assert by_name[layer.name]['bytes']['float64'] == expected, layer.name
 
 
+def test_the_textbook_activation_count_is_a_torch_copy_of_the_nets(summary):
+    """The lab's estimate: the input plus every module's output, counted with forward hooks on the torch
+    copy; a module whose output shares its input's memory (Flatten's view) adds nothing."""
+    _, rows = summary
+    counted = []
+
+    def count(module, inputs, output):
+        if output.untyped_storage().data_ptr() != inputs[0].untyped_storage().data_ptr():
+            counted.append(output.numel())
+    model = torch_lab_net()
+    for module in model:
+        module.register_forward_hook(count)
+    x = torch.zeros(BATCH, 1, 28, 28)
+    model(x)
+    memory = lab_summary.memory(rows)
+    assert memory['activations'] == x.numel() + sum(counted) == 1_502_100
+    assert memory['activations_bytes'] == {'float32': 4 * 1_502_100, 'float64': 8 * 1_502_100}
+
+
+def test_the_im2col_columns_are_the_convolutions_inputs_times_their_kernel_taps(summary):
+    _, rows = summary
+    memory = lab_summary.memory(rows)
+    assert memory['conv_input_values'] == BATCH * (1 * 28 * 28 + 16 * 14 * 14)
+    assert memory['im2col_values'] == BATCH * (1 * 28 * 28 + 16 * 14 * 14) * 25
+    assert memory['kept_bytes']['float32'] == sum(row['bytes']['float32'] for row in rows)
+
+
 def test_summary_table_prints_the_answers(summary):
     net, rows = summary
-    text = lab_summary.format_summary(rows, net[0].input_shape)
-    assert '821,706' in text and '14x14' in text and 'all 28x28' in text
-    assert text.splitlines()[-1].startswith('total')
+    text = lab_summary.format_summary(rows)
+    assert '821,706' in text and '14x14' in text and 'all 28x28' in text and '1,502,100' in text
+    assert [line for line in text.splitlines() if line.startswith('total')]
+    assert '6.0 MB in float32, 12.0 MB in float64' in text and '21.2 MB in float32' in text
 
 
 def test_receptive_field_with_strided_pooling():
@@ -113,7 +142,7 @@ def test_receptive_field_with_strided_pooling():
     net = [layers.Convolution(x, 4, 5, 'conv1')]
     net += [layers.MaxPooling(net[-1], 'pool1', pool_size=3, stride=2)]
     net += [layers.Convolution(net[-1], 4, 5, 'conv2')]
-    rows = lab_summary.model_summary(net, 2)
+    rows = lab_summary.model_summary(net, 2)[1:]
     # conv1: 5; pool 3 over jump 1: 5 + 2 = 7, jump 2; conv2 5 over jump 2: 7 + 4*2 = 15
     assert [row['rf'] for row in rows[:3]] == [5, 7, 15]
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5, padding=2), torch.nn.MaxPool2d(3, 2),

@@ -130,10 +130,13 @@ def run_script(*args, script='train.py'):
                           cwd=ROOT, timeout=300)
 
 
-def test_summary_only(tmp_path):
-    result = run_script('--summary-only', '--save-dir', str(tmp_path))
+def test_summary_only_answers_the_model_questions_without_data(tmp_path):
+    result = run_script('--summary-only', '--save-dir', str(tmp_path), '--run-name', 's',
+                        '--data-dir', str(tmp_path / 'no-data'))
     assert result.returncode == 0 and '821,706' in result.stdout and '14x14' in result.stdout
-    assert os.listdir(tmp_path) == []
+    assert sorted(os.listdir(tmp_path / 's')) == ['config.json', 'net.png', 'summary.json']
+    saved = json.loads((tmp_path / 's' / 'summary.json').read_text())
+    assert saved['memory']['activations'] == 1_502_100 and [row['name'] for row in saved['layers']][:2] == ['input', 'conv1']
 
 
 def test_sweep_writes_the_comparison(small_mnist, tmp_path, capsys):
@@ -177,3 +180,34 @@ def test_quick_run_on_real_mnist(mnist_dir, tmp_path):
                  'conv1_epoch_01_step_000020.png', 'conv1_epoch_01_step_000040.png'):
         assert (run_dir / name).is_file(), name
     assert 'ln(10)' in result.stdout and '821,706' in result.stdout
+
+
+def test_a_redirected_log_holds_whole_lines_and_no_progress_bars(tmp_path):
+    """stdout and stderr both into one file, as `python train.py > log.txt 2>&1` does."""
+    data_dir = make_synthetic_mnist(str(tmp_path / 'data'), num_train=300, num_test=50)
+    with open(tmp_path / 'log.txt', 'w') as log:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--data-dir', data_dir,
+                                 '--save-dir', str(tmp_path), '--run-name', 'r', '--valid-size', '100',
+                                 '--epochs', '2', '--batch-size', '20'], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=ROOT, timeout=300)
+    assert result.returncode == 0
+    text = (tmp_path / 'log.txt').read_text()
+    assert '\r' not in text and 'it/s' not in text and '\x1b' not in text
+    epoch_lines = [line for line in text.splitlines() if 'epoch' in line and 'valid loss' in line]
+    assert [line.split(':')[0] for line in epoch_lines] == ['epoch 1/2', 'epoch 2/2']
+
+
+@pytest.mark.parametrize('reg_loss, loss_title, fourth_panel', [
+    ([0.0, 0.0], 'Cross-entropy loss', None),
+    ([0.43, 0.31], 'Cross-entropy loss (data term, without L2)', 'L2 term (lambda/2) * sum of squared weights')])
+def test_the_training_plot_says_what_it_plots(tmp_path, monkeypatch, reg_loss, loss_title, fourth_panel):
+    import plots
+    saved = {}
+    monkeypatch.setattr(plots, '_save', lambda fig, path, title=None: saved.update(
+        titles=[ax.get_title() for ax in fig.axes if ax.axison], lines=[ax.get_lines() for ax in fig.axes]))
+    history = {'train_loss': [0.2, 0.1], 'valid_loss': [0.25, 0.15], 'train_acc': [0.9, 0.95],
+               'valid_acc': [0.88, 0.93], 'lr': [0.1, 0.01], 'reg_loss': reg_loss}
+    plots.plot_training_progress(str(tmp_path), history)
+    assert saved['titles'] == [loss_title, 'Accuracy', 'Learning rate'] + ([fourth_panel] if fourth_panel else [])
+    # the loss panel draws the data loss alone, never data + L2
+    assert [list(line.get_ydata()) for line in saved['lines'][0]] == [history['train_loss'], history['valid_loss']]

@@ -222,13 +222,16 @@ def test_sweep(tmp_path, mnist_5200):
     assert len(table) == 6 and 'mean abs conv1 weight' in table[0]
 
 
-def test_compare_numpy_cli(mnist_5200):
-    result = run_script('--compare-numpy', '--steps', '3', '--data-dir', mnist_5200)
+def test_compare_numpy_cli(mnist_5200, tmp_path):
+    result = run_script('--compare-numpy', '--steps', '3', '--data-dir', mnist_5200, '--save-dir', str(tmp_path),
+                        '--run-name', 'cmp')
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     table = [line.split() for line in lines if line.split() and line.split()[0] in ('1', '2', '3')]
     assert len(table) == 3 and all(float(row[3]) <= 1e-8 for row in table)
     assert lines[-1].endswith('-> EQUAL')
+    saved = json.loads((tmp_path / 'cmp' / 'compare_numpy.json').read_text())
+    assert saved['verdict'] == 'EQUAL' and [f"{row['rel_diff']:.2e}" for row in saved['steps']] == [r[3] for r in table]
 
 
 @pytest.mark.integration

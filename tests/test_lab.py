@@ -1,0 +1,74 @@
+"""lab.py (make lab): every step of the lab on tiny synthetic data, REPORT.md with every section and
+figure, and a second run that keeps what is done."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import lab
+from conftest import ROOT, make_synthetic_cifar, make_synthetic_mnist
+
+SECTIONS = ["Do the layers' gradients agree", 'Why analytic rather than numerical', 'How are im2col_cython',
+            'a sketch, tensor sizes and parameters', 'Receptive field of the last convolution',
+            'Memory for the activations backprop needs', 'Initial loss and the number of classes',
+            'Training (`python train.py`)', 'L2 regularisation: lambda 1e-3, 1e-2, 1e-1',
+            'The same model in PyTorch, step for step', 'Training in PyTorch', 'CIFAR-10 with the lab',
+            'Confusion matrix and per-class precision and recall', 'The 20 misclassified test images',
+            "conv1's filters, lambda 1e-4", 'Multiclass hinge loss vs cross-entropy', 'Wall time of each step']
+
+
+def run_lab(data_dir, save_dir, *flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'lab.py'), '--quick', '--mnist-dir', data_dir,
+                           '--cifar-dir', data_dir, '--save-dir', save_dir, *flags],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+
+
+@pytest.fixture(scope='module')
+def lab_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('lab')
+    data_dir = str(root / 'data')
+    make_synthetic_mnist(data_dir, num_train=1100, num_test=100)
+    make_synthetic_cifar(data_dir, per_batch=220)
+    save_dir = str(root / 'runs')
+    result = run_lab(data_dir, save_dir, '--publish', str(root / 'published'))
+    return root, data_dir, save_dir, result
+
+
+@pytest.mark.slow
+def test_the_report_answers_every_question_with_its_figures(lab_run):
+    root, _, save_dir, result = lab_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = open(os.path.join(save_dir, 'REPORT.md')).read()
+    for section in SECTIONS:
+        assert section in report, section
+    figures = re.findall(r'!\[[^\]]*\]\(([^)]+)\)', report)
+    assert len(figures) >= 10
+    for path in figures:
+        assert os.path.isfile(os.path.join(save_dir, path)), path
+        assert os.path.isfile(os.path.join(root, 'published', path)), path  # --publish copies them
+    steps = json.load(open(os.path.join(save_dir, 'steps.json')))
+    assert list(steps) == [name for name, *_ in lab.STEPS]
+    assert all(step['returncode'] == 0 and step['seconds'] > 0 for step in steps.values())
+    # numbers come from the runs' own files
+    task1 = json.load(open(os.path.join(save_dir, 'task1', 'results.json')))
+    assert f"Test accuracy **{task1['test_acc']:.2%}**" in report
+    assert 'A --quick run' in report and '(JPEG stand-in)' in report
+
+
+@pytest.mark.slow
+def test_a_second_run_keeps_what_is_done_and_redoes_what_is_not(lab_run):
+    _, data_dir, save_dir, first = lab_run
+    assert first.returncode == 0
+    steps_path = os.path.join(save_dir, 'steps.json')
+    steps = json.load(open(steps_path))
+    del steps['bonus']  # as if the lab had stopped during its last step
+    json.dump(steps, open(steps_path, 'w'))
+    result = run_lab(data_dir, save_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = [name for name, *_ in lab.STEPS if f'=== {name}: done before' in result.stdout]
+    assert kept == [name for name, *_ in lab.STEPS if name != 'bonus']
+    assert '=== bonus: ' in result.stdout and '--resume' in result.stdout  # its run folder goes on
+    assert 'finished already' in result.stdout  # both of its runs had finished: nothing is trained again
