@@ -14,6 +14,26 @@ sys.path.insert(0, ROOT)
 SHARED_DATA = os.environ.get('DATA_DIR', os.path.join(ROOT, '..', 'shared', 'data'))
 
 
+def torch_lab_net(net=None):
+    """The lab's MNIST net in torch.nn (float64), one module per layer of train.make_net in the same order,
+    the independent oracle of the NumPy layers; with a NumPy `net`, its weights copied in.
+    Returns (model, {name of a NumPy layer with parameters: its torch module})."""
+    import torch
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(1568, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).double()
+    modules = [module for module in model if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))]
+    if net is None:
+        return model, dict(zip(('conv1', 'conv2', 'fc3', 'logits'), modules))
+    ours = [layer for layer in net if layer.has_params]
+    with torch.no_grad():
+        for layer, module in zip(ours, modules):
+            module.weight.copy_(torch.from_numpy(layer.weights.reshape(module.weight.shape)))
+            module.bias.copy_(torch.from_numpy(layer.bias))
+    return model, dict(zip([layer.name for layer in ours], modules))
+
+
 def write_idx(path, array, compress=None):
     """Writes a uint8 array as an IDX file (gzipped when the path ends in .gz)."""
     header = bytes([0, 0, 8, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)

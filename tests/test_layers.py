@@ -18,6 +18,7 @@ import layers as textbook_layers
 import nn
 import train
 import train_l2reg
+from conftest import torch_lab_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -288,21 +289,6 @@ def test_construction_rejects_what_cannot_work(layers, make, message):
 
 
 # ----------------------------------------------------------------------------- the whole lab net
-
-def torch_lab_net(net):
-    """The lab's MNIST net in PyTorch (float64), with the NumPy net's weights copied in."""
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(1568, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).double()
-    ours = [layer for layer in net if layer.has_params]
-    theirs = [module for module in model if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))]
-    with torch.no_grad():
-        for layer, module in zip(ours, theirs):
-            module.weight.copy_(torch.from_numpy(layer.weights.reshape(module.weight.shape)))
-            module.bias.copy_(torch.from_numpy(layer.bias))
-    return model, dict(zip([layer.name for layer in ours], theirs))
-
 
 @pytest.mark.parametrize('weight_decay', [0.0, 1e-2])
 def test_lab_net_loss_and_gradients_match_torch(layers, weight_decay):

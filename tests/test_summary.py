@@ -9,16 +9,9 @@ import layers
 import nn
 import summary as lab_summary
 import train
+from conftest import torch_lab_net
 
 BATCH = 50
-
-
-def torch_lab_net():
-    """The lab's net in torch.nn, one module per layer of train.make_net, in the same order."""
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 5, padding=2), torch.nn.MaxPool2d(2), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(1568, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
 
 
 @pytest.fixture(scope='module')
@@ -30,8 +23,8 @@ def summary():
 
 def test_shapes_and_parameter_counts_match_torch(summary):
     net, rows = summary
-    model = torch_lab_net()
-    x = torch.zeros(BATCH, 1, 28, 28)
+    model, _ = torch_lab_net()
+    x = torch.zeros(BATCH, 1, 28, 28, dtype=torch.float64)
     assert [row['name'] for row in rows] == ['input'] + [layer.name for layer in net] + ['loss']
     assert rows[0]['shape'] == (BATCH, 1, 28, 28)
     for row, module in zip(rows[1:], model):
@@ -56,7 +49,7 @@ def receptive_field_by_gradient(model, depth):
             torch.nn.init.ones_(module.weight)
             torch.nn.init.zeros_(module.bias)
         layers_.append(module)
-    x = torch.ones(1, 1, 28, 28, requires_grad=True)
+    x = torch.ones(1, 1, 28, 28, dtype=next(model.parameters()).dtype, requires_grad=True)
     out = torch.nn.Sequential(*layers_)(x)
     grad = torch.zeros_like(out)
     grad[0, 0, out.shape[2] // 2, out.shape[3] // 2] = 1
@@ -68,7 +61,7 @@ def receptive_field_by_gradient(model, depth):
 
 def test_receptive_fields_match_gradients_through_torch(summary):
     _, rows = summary
-    model = torch_lab_net()
+    model, _ = torch_lab_net()
     for depth, row in enumerate(rows[1:7], start=1):  # conv1 .. relu2: the spatial layers
         assert receptive_field_by_gradient(model, depth) == (row['rf'], row['rf']), row['name']
     by_name = {row['name']: row['rf'] for row in rows}
@@ -110,10 +103,10 @@ def test_the_textbook_activation_count_is_a_torch_copy_of_the_nets(summary):
     def count(module, inputs, output):
         if output.untyped_storage().data_ptr() != inputs[0].untyped_storage().data_ptr():
             counted.append(output.numel())
-    model = torch_lab_net()
+    model, _ = torch_lab_net()
     for module in model:
         module.register_forward_hook(count)
-    x = torch.zeros(BATCH, 1, 28, 28)
+    x = torch.zeros(BATCH, 1, 28, 28, dtype=torch.float64)
     model(x)
     memory = lab_summary.memory(rows)
     assert memory['activations'] == x.numel() + sum(counted) == 1_502_100
