@@ -282,7 +282,7 @@ def task4_section(folder):
         figure(f'confusion matrix of the test set ({name})', 'task4/confusion_matrix.png'),
         f"### The 20 misclassified test images with the highest loss ({name})", *worst, "",
         figure(f'the 20 worst mistakes ({name})', 'task4/misclassified.png'),
-        f"### conv1's filters, lambda 1e-4 as in the lab's figure (`python train_cifar.py --weight-decay 1e-4`)",
+        "### conv1's filters, lambda 1e-4 as in the lab's figure (`python train_cifar.py --weight-decay 1e-4`)",
         f"With lambda 1e-4 the test accuracy is {percent(other['test']['accuracy'])} (best validation "
         f"{percent(other['best_valid_acc'])}), against {percent(test['accuracy'])} with the default 1e-3 ({name}).",
         "", figure('conv1 filters at random initialisation', init),

@@ -3,10 +3,6 @@
 A net is a plain list of layers (layers.py or fast_layers.py), input to logits, as train.py builds it; a
 loss is a SoftmaxCrossEntropyWithLogits, or a RegularizedLoss wrapping one (train_l2reg.py).
 """
-import os
-
-import numpy as np
-
 import checkpoint
 import layers
 import plots

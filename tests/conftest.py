@@ -55,6 +55,28 @@ def write_cifar_batch(path, images, labels):
                      b'labels': [int(y) for y in labels]}, f, protocol=2)
 
 
+def tar_archive(members):
+    """A .tar.gz in memory holding (name, bytes) members, as the CIFAR-10 download would deliver."""
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w:gz') as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def serve_archive(monkeypatch, archive_bytes, md5=None):
+    """Makes data.py's CIFAR-10 download receive archive_bytes (with that MD5, or `md5`) instead of the network."""
+    import hashlib
+    import io
+    import data
+    monkeypatch.setattr(data.urllib.request, 'urlopen', lambda url, timeout: io.BytesIO(archive_bytes))
+    monkeypatch.setattr(data, 'CIFAR_MD5', md5 or hashlib.md5(archive_bytes).hexdigest())
+
+
 def make_synthetic_mnist(root, num_train=200, num_test=50, gz=True, seed=0):
     """Digits drawn as class-dependent bright bars on noise, so a net can learn them quickly."""
     rng = np.random.default_rng(seed)

@@ -1,9 +1,6 @@
 """CIFAR-10 loading: the restricted unpickler, validation of every file, the lab's split and normalisation."""
-import hashlib
-import io
 import os
 import pickle
-import tarfile
 import urllib.error
 
 import numpy as np
@@ -11,7 +8,7 @@ import pytest
 
 import data
 import plots
-from conftest import make_synthetic_cifar, truncate
+from conftest import make_synthetic_cifar, serve_archive, tar_archive, truncate
 
 
 def _batch_path(root, name='data_batch_3'):
@@ -112,21 +109,6 @@ def test_failed_download_gives_one_message_saying_where_to_put_which(tmp_path, m
         data.load_cifar10(str(tmp_path / 'new'))
 
 
-def _serve(monkeypatch, archive_bytes):
-    monkeypatch.setattr(data.urllib.request, 'urlopen', lambda url, timeout: io.BytesIO(archive_bytes))
-    monkeypatch.setattr(data, 'CIFAR_MD5', hashlib.md5(archive_bytes).hexdigest())
-
-
-def _archive(members):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode='w:gz') as tar:
-        for name, content in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    return buffer.getvalue()
-
-
 def test_download_checks_md5_and_extracts(tmp_path, monkeypatch):
     source = make_synthetic_cifar(str(tmp_path / 'source'))
     folder = os.path.join(source, 'cifar-10-batches-py')
@@ -134,8 +116,8 @@ def test_download_checks_md5_and_extracts(tmp_path, monkeypatch):
     for name in sorted(os.listdir(folder)):
         with open(os.path.join(folder, name), 'rb') as f:
             members.append((f'cifar-10-batches-py/{name}', f.read()))
-    archive = _archive(members)
-    _serve(monkeypatch, archive)
+    archive = tar_archive(members)
+    serve_archive(monkeypatch, archive)
     raw = data.load_cifar10(str(tmp_path / 'downloaded'))
     assert raw['train_x'].shape == (200, 3, 32, 32)
 
@@ -145,7 +127,7 @@ def test_download_checks_md5_and_extracts(tmp_path, monkeypatch):
 
 
 def test_download_refuses_archive_members_outside_the_folder(tmp_path, monkeypatch):
-    _serve(monkeypatch, _archive([('../escaped', b'x')]))
+    serve_archive(monkeypatch, tar_archive([('../escaped', b'x')]))
     with pytest.raises(data.DataError, match='cannot extract'):
         data.load_cifar10(str(tmp_path / 'inside'))
     assert not (tmp_path / 'escaped').exists()

@@ -9,13 +9,10 @@ quickly, not with a MemoryError or a kill. Downloads are simulated: no test uses
 import codecs
 import functools
 import gzip
-import hashlib
-import io
 import os
 import pickle
 import subprocess
 import sys
-import tarfile
 import time
 import types
 import urllib.error
@@ -24,7 +21,7 @@ import numpy as np
 import pytest
 
 import data
-from conftest import ROOT, make_synthetic_cifar, make_synthetic_mnist, write_idx
+from conftest import ROOT, make_synthetic_cifar, make_synthetic_mnist, serve_archive, tar_archive, write_idx
 
 LOADER_LIMIT_MB = 512  # numpy and cli take ~150 MB of address space; the largest IDX file allowed, 235 MB
 CHILD_SECONDS = 30  # a refused bomb takes well under a second past Python's start; generous for a busy machine
@@ -597,27 +594,12 @@ def test_interrupted_cifar_download_leaves_no_new_folder(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / 'data')
 
 
-def _serve(monkeypatch, archive_bytes, md5=None):
-    monkeypatch.setattr(data.urllib.request, 'urlopen', lambda url, timeout: io.BytesIO(archive_bytes))
-    monkeypatch.setattr(data, 'CIFAR_MD5', md5 or hashlib.md5(archive_bytes).hexdigest())
-
-
-def _archive(members):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode='w:gz') as tar:
-        for name, content in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    return buffer.getvalue()
-
-
 def test_cifar_download_that_fails_its_md5_or_extraction_leaves_nothing(tmp_path, monkeypatch):
-    archive = _archive([(f'{data.CIFAR_FOLDER}/data_batch_1', b'x' * 100), ('../escaped', b'x')])
-    _serve(monkeypatch, archive, md5='0' * 32)
+    archive = tar_archive([(f'{data.CIFAR_FOLDER}/data_batch_1', b'x' * 100), ('../escaped', b'x')])
+    serve_archive(monkeypatch, archive, md5='0' * 32)
     assert_data_error(lambda: data.load_cifar10(str(tmp_path / 'md5')), data.CIFAR_URL, 'expected 0000')
     assert not os.path.exists(tmp_path / 'md5')
-    _serve(monkeypatch, archive)  # the first member is extracted, the second refused
+    serve_archive(monkeypatch, archive)  # the first member is extracted, the second refused
     os.makedirs(tmp_path / 'partial')
     assert_data_error(lambda: data.load_cifar10(str(tmp_path / 'partial')), data.CIFAR_URL, 'cannot extract')
     assert listing(str(tmp_path / 'partial')) == [] and not os.path.exists(tmp_path / 'escaped')
