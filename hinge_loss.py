@@ -13,10 +13,10 @@ The hinge model's scores are not probabilities: the figure of misclassified imag
 for display only, and says so.
 
 Tuning: only the learning rate. The hinge loss sums up to C-1 = 9 margin terms per image, so its gradient
-is several times cross-entropy's, and at cross-entropy's lr 0.1 it diverges (CIFAR-10 JPEG stand-in,
-3,000 images, 2 epochs, batch 25: lr 0.1 -> NaN, 0.03 -> 30.3%, 0.01 -> 30.6%, 0.003 -> 23.7% validation
-accuracy); the default is 0.01. delta stays 1: with this unconstrained last layer a larger delta mostly
-rescales the scores.
+is several times cross-entropy's, and at cross-entropy's lr 0.1 it diverges. `python hinge_loss.py --data-dir
+data --limit 3000 --batch-size 25 --epochs 2 --lr LR` (CIFAR-10 JPEG stand-in): lr 0.1 -> the loss became NaN
+at step 65; 0.03 -> 32.16%, 0.01 -> 34.90%, 0.003 -> 27.16% validation accuracy. The default is 0.01.
+delta stays 1: with this unconstrained last layer a larger delta mostly rescales the scores.
 """
 import argparse
 import functools
