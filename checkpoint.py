@@ -26,10 +26,17 @@ Files, all written atomically (cli.atomic_write) and read without running any co
     checkpoint.npz  np.load(..., allow_pickle=False): the arrays under their own names, and 'run'
     checkpoint.pt   torch.load(..., weights_only=True): the state_dicts under their names, and 'run'
 'run' is JSON text: epochs_done, batches_done, step, epoch_seconds, rng (the generator's state) and results.
+A run that diverges never overwrites its last good checkpoint (check_loss, end_epoch and the stop between
+steps see to that), and a checkpoint read back must look exactly like what this code writes (names, shapes,
+dtypes, types, finite values, counts that fit together): anything else, a tampered or a foreign file, stops
+the run with one line naming the file before anything in its folder changes.
 """
+import io
 import json
 import math
 import os
+import pickle
+import re
 import time
 import zipfile
 
@@ -72,6 +79,8 @@ class Run:
 
     def epochs(self, count):
         """Yields the epoch numbers 1..count that are still to do; signals wait for a step to end meanwhile."""
+        if self.epochs_done > count:  # --epochs cannot change on --resume: the checkpoint was tampered with
+            raise _unreadable(self.path, ValueError(f"{self.epochs_done} epochs done of a run of {count}"))
         self.epochs_total = count
         # NumPy's overflow warnings on the way to a NaN say less than check_loss and end_epoch do.
         with cli.stop_between_steps(), np.errstate(over='ignore', invalid='ignore'):
@@ -95,10 +104,12 @@ class Run:
 
     def end_epoch(self, **record):
         """Records the epoch's scores (train_loss, train_acc, valid_loss, valid_acc, lr, ...), prints them
-        and saves results.json and the checkpoint. A non-finite training loss stops the run first."""
-        if not math.isfinite(record.get('train_loss', 0.0)):
-            raise Diverged(f"the training loss became {record['train_loss']} after epoch {self.epoch}; lower the "
-                           f"learning rate. The last checkpoint, after epoch {self.epochs_done}, is in {self.dir}")
+        and saves results.json and the checkpoint. A NaN or infinite score stops the run first, so results.json
+        and the checkpoint keep the last good epoch. Call it before the epoch writes anything else."""
+        for key, value in record.items():
+            if not math.isfinite(value):
+                raise Diverged(f"the {key.replace('_', ' ')} became {value} after epoch {self.epoch}; lower the "
+                               f"learning rate. The last checkpoint, after epoch {self.epochs_done}, is in {self.dir}")
         record = {'epoch': self.epoch, **record, 'seconds': self.train_seconds,
                   'images_per_second': self.images / self.train_seconds}
         self.results['epochs'].append(record)
@@ -121,30 +132,38 @@ class Run:
         return f"{verb} {self.dir} after epoch {self.epochs_done}" + (
             f" and {self.batches_done} steps of epoch {self.epochs_done + 1}" if self.batches_done else '')
 
+    def _state(self):
+        """What the checkpoint holds besides 'run': the arrays, or each object's state_dict()."""
+        if self.state_dicts is None:
+            return self.arrays
+        return {name: obj.state_dict() for name, obj in self.state_dicts.items()}
+
     def _save(self, epoch_rng=None):
         """Writes the checkpoint; epoch_rng: the generator's state at the start of the next epoch (default: now)."""
-        fields = json.dumps({'epochs_done': self.epochs_done, 'batches_done': self.batches_done, 'step': self.step,
-                             'epoch_seconds': self.epoch_seconds,
-                             'rng': epoch_rng or self.rng.bit_generator.state,
-                             'results': self.results}, default=cli.json_default, allow_nan=False)
+        fields = cli.json_text({'epochs_done': self.epochs_done, 'batches_done': self.batches_done, 'step': self.step,
+                                'epoch_seconds': self.epoch_seconds, 'rng': epoch_rng or self.rng.bit_generator.state,
+                                'results': self.results})  # a NaN test loss, say, becomes null
         if self.state_dicts is None:
-            save_npz(self.path, {**self.arrays, 'run': np.array(fields)})
+            save_npz(self.path, {**self._state(), 'run': np.array(fields)})
         else:
-            save_torch(self.path, {**{name: obj.state_dict() for name, obj in self.state_dicts.items()},
-                                   'run': fields})
+            save_torch(self.path, {**self._state(), 'run': fields})
 
     def _restore(self):
         saved = load_npz(self.path) if self.state_dicts is None else load_torch(self.path)
         fields = _run_fields(self.path, saved.get('run'))
+        if not _all_finite(saved):  # a diverged run never saves such weights
+            raise _unreadable(self.path, ValueError("NaN or infinite weights"))
+        if self.state_dicts is None:
+            copy_arrays(self.arrays, saved, self.path)
+        else:
+            for name, obj in self.state_dicts.items():
+                if name not in saved:
+                    raise _unreadable(self.path, ValueError(f"no {name!r}"))
+                load_state_dict(obj, saved[name], self.path, name)
         try:
-            if self.state_dicts is None:
-                copy_arrays(self.arrays, saved, self.path)
-            else:
-                for name, obj in self.state_dicts.items():
-                    obj.load_state_dict(saved[name])
             self.rng.bit_generator.state = fields['rng']
-        except (KeyError, ValueError, TypeError, OverflowError, RuntimeError) as error:  # another net's, or tampered
-            raise _unreadable(self.path, error)
+        except (KeyError, ValueError, TypeError, OverflowError) as error:  # another generator's, or tampered
+            raise _unreadable(self.path, ValueError(f"'rng' is not a generator state ({error})"))
         for key in ('epochs_done', 'batches_done', 'step', 'epoch_seconds', 'results'):
             setattr(self, key, fields[key])
 
@@ -156,6 +175,11 @@ class _Batches:
         if num_items < batch_size:
             raise cli.UserError(f"batch size {batch_size} is larger than the {num_items} training examples")
         self.run, self.num_items, self.batch_size = run, num_items, batch_size
+        # a checkpoint saves where the run stands in three counts; the same flags fix how they fit together
+        if not (run.batches_done < len(self) and run.step == run.epochs_done * len(self) + run.batches_done):
+            raise _unreadable(run.path, ValueError(
+                f"step {run.step} is not step {run.batches_done} of epoch {run.epochs_done + 1} of "
+                f"{len(self)} steps each"))
 
     def __len__(self):
         return self.num_items // self.batch_size
@@ -168,10 +192,13 @@ class _Batches:
                                                     desc=f"epoch {run.epoch}/{run.epochs_total}")
         for i in range(run.batches_done, len(self)):
             if cli.stop_requested():  # between two steps: save where the run stands, then stop
-                run.batches_done, run.epoch_seconds = i, time.perf_counter() - run.epoch_start
-                run._save(epoch_rng)
                 progress.close()
-                print(run._where('saved'))
+                # check_loss saw the last step's loss, not the weights its update made: if they overflowed, the
+                # last good checkpoint stays, and --resume will meet the divergence again and report it
+                if _all_finite(run._state()):
+                    run.batches_done, run.epoch_seconds = i, time.perf_counter() - run.epoch_start
+                    run._save(epoch_rng)
+                    print(run._where('saved'))
                 cli.stop()
             run.step += 1
             yield order[i * size:(i + 1) * size]
@@ -207,11 +234,35 @@ def _run_fields(path, text):
                 raise TypeError(f"'{key}' is not a {kind.__name__}")
         if min(fields['epochs_done'], fields['batches_done'], fields['step'], fields['epoch_seconds']) < 0:
             raise ValueError("a negative count")
-        if not isinstance(fields['results'].get('epochs'), list):
-            raise TypeError("'results' has no list of epochs")
-    except (ValueError, TypeError, KeyError) as error:  # JSONDecodeError is a ValueError
+        epochs = fields['results'].get('epochs')
+        if not (isinstance(epochs, list) and len(epochs) == fields['epochs_done']):
+            raise TypeError(f"'results' has no list of the {fields['epochs_done']} epochs done")
+        for record in epochs:  # what end_epoch records: finite numbers, read back by plots and summaries
+            if not (isinstance(record, dict) and all(_is_number(value) and math.isfinite(value)
+                                                     for value in record.values())):
+                raise TypeError(f"an epoch's record is not a dict of numbers: {str(record)[:60]}")
+    except KeyError as error:
+        raise _unreadable(path, ValueError(f"no {error}"))
+    except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise _unreadable(path, error)
     return fields
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _all_finite(state):
+    """True unless a NumPy array or a torch tensor in state (a dict or list of them, or one) holds NaN or inf."""
+    if isinstance(state, dict):
+        return all(_all_finite(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(_all_finite(value) for value in state)
+    if isinstance(state, np.ndarray):
+        return state.dtype.kind not in 'fc' or bool(np.isfinite(state).all())
+    if hasattr(state, 'is_floating_point'):  # a torch tensor (torch is imported only by the scripts that use it)
+        return not state.is_floating_point() or bool(state.isfinite().all())
+    return True
 
 
 # ----------------------------------------------------------------------------- files
@@ -229,20 +280,32 @@ def save_npz(path, arrays):
     cli.atomic_write(path, lambda tmp_path: np.savez(tmp_path, **arrays))
 
 
+def _check_zip(path, archive):
+    """Refuses, before anything is read, a zip member that is compressed (np.savez and torch.save store theirs)
+    or whose sizes claim more bytes than the whole file has: a reader allocates what the zip's directory claims."""
+    file_size = os.path.getsize(path)
+    for member in archive.infolist():
+        if member.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{member.filename} is compressed; np.savez and torch.save never write that")
+        if max(member.file_size, member.compress_size) > file_size:
+            raise ValueError(f"{member.filename} claims {member.file_size} bytes, the whole file has {file_size}")
+
+
 def load_npz(path):
     """{name: array} of an .npz that np.savez wrote, never unpickling anything and never allocating more than
     the file holds; a UserError naming the file if it is unreadable, compressed or claims more than it holds."""
     try:
         with zipfile.ZipFile(path) as archive:
+            _check_zip(path, archive)
             for member in archive.infolist():
-                if member.compress_type != zipfile.ZIP_STORED:
-                    raise ValueError(f"{member.filename} is compressed; np.savez never writes that")
                 with archive.open(member) as f:
                     read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(f))
                     if read_header is None:
                         raise ValueError(f"{member.filename} is not in a .npy format np.savez writes")
                     shape, _, dtype = read_header(f)
-                    if dtype.hasobject or math.prod(shape) * dtype.itemsize > member.file_size:
+                    if dtype.hasobject:
+                        raise ValueError(f"{member.filename} holds pickled Python objects, refused")
+                    if math.prod(shape) * dtype.itemsize > member.file_size:
                         raise ValueError(f"{member.filename} claims {shape} {dtype}, more than its "
                                          f"{member.file_size} bytes")
         with np.load(path, allow_pickle=False) as saved:
@@ -259,19 +322,74 @@ def copy_arrays(arrays, saved, source):
         if saved[name].shape != array.shape or saved[name].dtype.kind != 'f':
             raise cli.UserError(f"{source}: {name!r} is {saved[name].dtype} {saved[name].shape}, "
                                 f"the net needs {array.dtype} {array.shape}")
+        if not _all_finite(saved[name]):
+            raise cli.UserError(f"{source}: {name!r} holds NaN or infinite values")
     for name, array in arrays.items():
         array[...] = saved[name]
 
 
 def save_torch(path, state):
+    """torch.save, atomically. It serialises into memory first: torch.save's own file writer reports a full
+    disk as a RuntimeError ('unexpected pos'), Python's write reports it as the OSError it is."""
     import torch
-    cli.atomic_write(path, lambda tmp_path: torch.save(state, tmp_path))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+
+    def write(tmp_path):
+        with open(tmp_path, 'wb') as f:
+            f.write(buffer.getbuffer())
+    cli.atomic_write(path, write)
 
 
 def load_torch(path):
     """A .pt file on the CPU; weights_only=True builds nothing but tensors and plain values, so it runs no code."""
     import torch
     try:
+        with zipfile.ZipFile(path) as archive:
+            _check_zip(path, archive)
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # a truncated zip, a foreign pickle, a refused global: all mean 'not ours'
+    except pickle.UnpicklingError as error:
+        # torch's message goes on to suggest weights_only=False, which would run the code: never pass that on
+        named = re.search(r'GLOBAL (\S+)', str(error))
+        raise _unreadable(path, ValueError("refused to load it: it holds more than tensors and plain values"
+                                           + (f", it would call {named[1]}" if named else '')))
+    except Exception as error:  # a truncated zip, a foreign file: all mean 'not ours'
         raise _unreadable(path, error)
+
+
+def load_state_dict(obj, state, path, name='state_dict'):
+    """obj.load_state_dict(state) once state is shaped like obj.state_dict(): the same keys, list lengths, kinds of
+    value, tensor shapes and dtypes. load_state_dict checks a model's tensor shapes, but takes an optimizer's or
+    a scheduler's values as they come, so a tampered one would fail only later, with a traceback."""
+    _same_structure(obj.state_dict(), state, path, repr(name))
+    try:
+        obj.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise _unreadable(path, error)
+
+
+def _same_structure(expected, got, path, where):
+    def differs(what):
+        raise _unreadable(path, ValueError(f"{where} {what}"))
+    if isinstance(expected, dict):
+        if not isinstance(got, dict):
+            differs(f"is a {type(got).__name__}, not a dict")
+        if expected and set(got) != set(expected):  # an empty one (an optimizer's state before any step) grows
+            missing, extra = sorted(map(str, set(expected) - set(got))), sorted(map(str, set(got) - set(expected)))
+            differs(f"lacks {missing}" if missing else f"has keys of its own: {extra}")
+        for key in expected:
+            _same_structure(expected[key], got[key], path, f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(expected):
+            differs(f"is not a list of {len(expected)}")
+        for i, (want, value) in enumerate(zip(expected, got)):
+            _same_structure(want, value, path, f"{where}[{i}]")
+    elif hasattr(expected, 'is_floating_point'):  # a tensor
+        if not hasattr(got, 'is_floating_point') or (got.shape, got.dtype) != (expected.shape, expected.dtype):
+            shown = f"{tuple(got.shape)} {got.dtype}" if hasattr(got, 'is_floating_point') else type(got).__name__
+            differs(f"is {shown}, this run's is {tuple(expected.shape)} {expected.dtype}")
+    elif _is_number(expected):
+        if not _is_number(got):
+            differs(f"is a {type(got).__name__}, not a number")
+    elif type(got) is not type(expected):  # bool, str, None
+        differs(f"is a {type(got).__name__}, not a {type(expected).__name__}")

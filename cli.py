@@ -103,8 +103,7 @@ def parse_args(parser, script, argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.resume is None:
-        if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
-            raise UserError(f"--save-dir {args.save_dir} is a file, not a folder")
+        _check_save_dir(args.save_dir)
         if args.run_name is not None and os.path.exists(os.path.join(args.save_dir, args.run_name)) \
                 and not args.overwrite:
             raise UserError(f"run folder {os.path.join(args.save_dir, args.run_name)} exists; pick another "
@@ -139,6 +138,16 @@ def parse_args(parser, script, argv=None):
     return saved
 
 
+def _check_save_dir(save_dir):
+    """A UserError unless save_dir is a folder or can be made one (no file on its path), checked before any
+    work: a run should not load its data only to fail when it makes its folder."""
+    existing = os.path.abspath(save_dir)
+    while not os.path.exists(existing):  # the nearest part of the path that is there already
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--save-dir {save_dir}: {existing} is a file, not a folder")
+
+
 def _explicit_flags(parser, argv):
     """{dest: value} of the flags argv gives, leaving out the defaults."""
     defaults = {action: action.default for action in parser._actions}
@@ -162,9 +171,14 @@ def open_run_dir(args, script, argv=None):
     if args.resume is not None:
         return args.resume
     run_dir = make_run_dir(args.save_dir, args.run_name, script, args.overwrite)
-    write_json(os.path.join(run_dir, CONFIG), {'script': f'{script}.py',
-                                               'argv': sys.argv[1:] if argv is None else list(argv),
-                                               'args': vars(args)})
+    try:
+        write_json(os.path.join(run_dir, CONFIG), {'script': f'{script}.py',
+                                                   'argv': sys.argv[1:] if argv is None else list(argv),
+                                                   'args': vars(args)})
+    except BaseException:  # a full disk: a folder without config.json would only block its name
+        with contextlib.suppress(OSError):
+            os.rmdir(run_dir)  # only if empty: a folder reused with --overwrite keeps what it holds
+        raise
     return run_dir
 
 
@@ -193,6 +207,15 @@ def seed_everything(seed):
         sys.modules['torch'].manual_seed(seed)
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; mkstemp's files are private (0600)
+
+
 def atomic_write(path, write):
     """Calls write(tmp_path) for a new temporary file beside `path` (with its extension), flushes it to the
     disk and renames it to `path`: a crash, a kill or a full disk leaves the old file or the new one under
@@ -201,6 +224,7 @@ def atomic_write(path, write):
     handle, tmp_path = tempfile.mkstemp(dir=folder or '.', prefix=f'.{name}.', suffix=os.path.splitext(name)[1])
     os.close(handle)
     try:
+        os.chmod(tmp_path, FILE_MODE)
         write(tmp_path)
         with open(tmp_path, 'rb+') as f:
             os.fsync(f.fileno())
@@ -225,9 +249,14 @@ def write_text(path, text):
     atomic_write(path, write)
 
 
+def json_text(obj, indent=None):
+    """obj as JSON text; NaN and infinities become null (JSON has neither), so the text is always valid JSON."""
+    return json.dumps(_finite(obj), indent=indent, default=json_default, allow_nan=False)
+
+
 def write_json(path, obj):
     """Writes JSON atomically; NaN and infinities become null, so the file is always valid JSON."""
-    write_text(path, json.dumps(_finite(obj), indent=2, default=json_default, allow_nan=False) + '\n')
+    write_text(path, json_text(obj, indent=2) + '\n')
 
 
 def _finite(obj):

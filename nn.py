@@ -69,11 +69,11 @@ def train(net, loss, data, run, epochs, batch_size, lr_policy, draw_every=100):
             sgd_update_params(grads, {'lr': lr})
             if run.step % draw_every == 0:
                 draw_conv_filters(epoch, run.step, conv1, run.dir)
-        draw_conv_filters(epoch, run.step, conv1, run.dir)
         train_loss, train_acc = evaluate(net, loss, train_x, train_y)
         valid_loss, valid_acc = evaluate(net, loss, data['valid_x'], data['valid_y'])
         run.end_epoch(lr=lr, train_loss=train_loss, train_acc=train_acc, valid_loss=valid_loss,
                       valid_acc=valid_acc, reg_loss=regularization(loss))
+        draw_conv_filters(epoch, run.step, conv1, run.dir)
 
 
 def evaluate(net, loss, x, y, batch_size=500):

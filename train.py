@@ -175,7 +175,8 @@ def main(argv=None):
     check_args(args)
     mnist = None if args.summary_only else load_data(args)
     run_dir = cli.open_run_dir(args, SCRIPT, argv)
-    write_summary(args, run_dir)
+    if args.resume is None:  # a resumed run has it, and its folder must not change before its checkpoint is read
+        write_summary(args, run_dir)
     if args.summary_only:
         return
     with cli.resume_hint(SCRIPT, run_dir):

@@ -181,6 +181,7 @@ def train_model(args, dataset, run_dir, loss_fn=F.cross_entropy, loss_name='Cros
         scheduler.step()
         train_scores = evaluate(model, dataset['train_x'], dataset['train_y'], loss_fn)
         valid_scores = evaluate(model, dataset['valid_x'], dataset['valid_y'], loss_fn)
+        run.check_loss(train_scores['loss'])  # a diverged model stops here, before best_model.pt is written
         if valid_scores['accuracy'] > run.results.get('best_valid_acc', -1):
             run.results.update(best_epoch=epoch, best_valid_acc=valid_scores['accuracy'])
             checkpoint.save_torch(best_path, {name: value.cpu() for name, value in model.state_dict().items()})
@@ -192,7 +193,7 @@ def train_model(args, dataset, run_dir, loss_fn=F.cross_entropy, loss_name='Cros
         plots.plot_training_progress(run_dir, plots.history(run.results['epochs']), loss_name,
                                      title=f"{dataset['name']}, {loss_name.lower()}")
 
-    model.load_state_dict(checkpoint.load_torch(best_path))
+    checkpoint.load_state_dict(model, checkpoint.load_torch(best_path), best_path)
     test(model, dataset, run, loss_fn, loss_name)
     return run.results
 

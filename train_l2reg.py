@@ -99,7 +99,8 @@ def main(argv=None):
     lambdas = sweep_lambdas(args)
     mnist = None if args.summary_only else train.load_data(args)
     run_dir = cli.open_run_dir(args, SCRIPT, argv)
-    train.write_summary(args, run_dir)
+    if args.resume is None:  # a resumed run has it, and its folder must not change before its checkpoint is read
+        train.write_summary(args, run_dir)
     if args.summary_only:
         return
 

@@ -210,11 +210,11 @@ def train_model(args, tensors, run_dir, device):
         lr = optimizer.param_groups[0]['lr']
         train_epoch(model, train_loader, optimizer, run, args.draw_every, writer)
         scheduler.step()
-        draw_filters(model, run, writer)
         train_loss, train_acc = evaluate(model, eval_loaders['train'])
         valid_loss, valid_acc = evaluate(model, eval_loaders['valid'])
         run.end_epoch(lr=lr, train_loss=train_loss, train_acc=train_acc, valid_loss=valid_loss,
                       valid_acc=valid_acc, reg_loss=reg_loss(optimizer))
+        draw_filters(model, run, writer)
         write_log(os.path.join(run_dir, 'log.csv'), run.results['epochs'], writer)
 
     test_loss, test_acc = evaluate(model, eval_loaders['test'])
@@ -310,7 +310,6 @@ def run_comparison(args, device, argv=None):
     lr = args.lr_policy[1]
     num_images = args.steps * args.batch_size
     mnist = data.prepare_mnist(args.data_dir, np.float64, valid_size=args.valid_size)
-    run_dir = cli.open_run_dir(args, SCRIPT, argv)
     print(f"NumPy ({args.layers} layers) vs PyTorch, float64: {args.steps} SGD steps, lr {lr:g}, lambda "
           f"{args.weight_decay:g}, batches of {args.batch_size} from the first {num_images} training images in "
           f"order, the same initial weights (NumPy's, seed {args.seed}).")
@@ -329,6 +328,7 @@ def run_comparison(args, device, argv=None):
     verdict = 'EQUAL' if max(worst_loss, worst_weight) <= COMPARE_TOLERANCE else 'DIFFERENT'
     print(f"max rel diff: loss {worst_loss:.2e}, weights {worst_weight:.2e} "
           f"(tolerance {COMPARE_TOLERANCE:g}) -> {verdict}")
+    run_dir = cli.open_run_dir(args, SCRIPT, argv)  # only now: too few images for --steps must leave no folder
     cli.write_json(os.path.join(run_dir, 'compare_numpy.json'), {
         'config': vars(args), 'steps': [dict(zip(('step', 'numpy_loss', 'torch_loss', 'rel_diff'), row)) for row in rows],
         'weight_rel_diffs': weight_diffs, 'max_loss_rel_diff': worst_loss, 'max_weight_rel_diff': worst_weight,

@@ -117,12 +117,13 @@ def reference_runs(data_dirs, tmp_path_factory):
     return get
 
 
-def where_checkpoint_stands(run_dir, script):
+def where_checkpoint_stands(run_dir):
     """(epochs finished, steps done of the next epoch) of the run's checkpoint, loaded without unpickling code."""
-    if script == 'train_cifar.py' or script == 'train_pytorch.py':
-        state = checkpoint.load_torch(os.path.join(run_dir, checkpoint.PT))  # weights_only=True
+    npz = os.path.join(run_dir, checkpoint.NPZ)
+    if os.path.exists(npz):
+        state = checkpoint.load_npz(npz)  # allow_pickle=False
     else:
-        state = checkpoint.load_npz(os.path.join(run_dir, checkpoint.NPZ))  # allow_pickle=False
+        state = checkpoint.load_torch(os.path.join(run_dir, checkpoint.PT))  # weights_only=True
     fields = json.loads(str(state['run']))
     return fields['epochs_done'], fields['batches_done']
 
@@ -146,7 +147,7 @@ def test_stopped_mid_epoch_then_resumed_ends_as_if_never_stopped(script, signum,
     errors = stderr.read()
     if signum == signal.SIGKILL:  # no chance to save: the checkpoint of the last finished epoch resumes
         assert process.returncode == -signal.SIGKILL
-        assert where_checkpoint_stands(run_dir, script) == (1, 0)
+        assert where_checkpoint_stands(run_dir) == (1, 0)
         resumed = f'resuming {run_dir} after epoch 1\n'
     else:  # a clean stop: the state after step 2 of epoch 2 saved, one line saying how to resume, no traceback
         assert process.returncode == 128 + signum
@@ -154,7 +155,7 @@ def test_stopped_mid_epoch_then_resumed_ends_as_if_never_stopped(script, signum,
         last_line = errors.replace('\r', '\n').strip().splitlines()[-1]
         assert last_line.startswith(f'interrupted: stopped by {signal.Signals(signum).name}')
         assert last_line.endswith(f'--resume {run_dir}') and 'Traceback' not in errors
-        assert where_checkpoint_stands(run_dir, script) == (1, 2)
+        assert where_checkpoint_stands(run_dir) == (1, 2)
         resumed = f'resuming {run_dir} after epoch 1 and 2 steps of epoch 2\n'
     assert not [name for name in os.listdir(run_dir) if name.startswith('.')]  # no temporary file left
 

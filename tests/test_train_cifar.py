@@ -99,3 +99,58 @@ def test_learns_on_the_real_stand_in(cifar_dir, tmp_path):
     assert results['data']['num_train'] == 3000 and results['data']['num_test'] == 10000
     assert results['test']['accuracy'] > 0.25  # chance is 0.10
     assert results['best_valid_acc'] > 0.25
+
+
+def independent_scores(model, x, y, num_classes=10):
+    """Accuracy and macro precision/recall by counting, class by class: no confusion matrix, no metrics.py."""
+    with torch.no_grad():
+        predicted = model(x).argmax(dim=1)
+    precision, recall = [], []
+    for c in range(num_classes):
+        true_positives = int(((predicted == c) & (y == c)).sum())
+        predicted_c, actual_c = int((predicted == c).sum()), int((y == c).sum())
+        precision.append(true_positives / predicted_c if predicted_c else 0.0)
+        recall.append(true_positives / actual_c if actual_c else 0.0)
+    return int((predicted == y).sum()) / len(y), float(np.mean(precision)), float(np.mean(recall))
+
+
+def test_every_epoch_scores_the_training_and_validation_sets(synthetic_cifar, tmp_path):
+    """evaluate() after each epoch, as the lab asks: accuracy and macro precision/recall on both sets, the same
+    as counted independently with the epoch's model (the checkpoint of a one-epoch run holds it)."""
+    result = _run('--data-dir', synthetic_cifar, '--valid-size', '40', '--limit', '100', '--epochs', '1',
+                  '--save-dir', str(tmp_path), '--run-name', 'e', '--device', 'cpu')
+    assert result.returncode == 0, result.stderr
+    [record] = json.loads((tmp_path / 'e' / 'results.json').read_text())['epochs']
+    model = ConvNet(padding=2)
+    model.load_state_dict(torch.load(tmp_path / 'e' / 'checkpoint.pt', weights_only=True)['model'])
+    model.eval()
+    prepared = data.prepare_cifar10(synthetic_cifar, valid_size=40, seed=42, download=False)
+    for split, x, y in (('train', prepared['train_x'][:100], prepared['train_y'][:100]),
+                        ('valid', prepared['valid_x'], prepared['valid_y'])):
+        accuracy, precision, recall = independent_scores(model, torch.from_numpy(x), torch.from_numpy(y))
+        assert record[f'{split}_acc'] == pytest.approx(accuracy, abs=1e-12)
+        assert record[f'{split}_precision'] == pytest.approx(precision, abs=1e-12)
+        assert record[f'{split}_recall'] == pytest.approx(recall, abs=1e-12)
+    assert 'train loss' in result.stdout and ' P ' in result.stdout and ' R ' in result.stdout  # printed every epoch
+
+
+def test_the_printed_worst_mistakes_are_the_ones_drawn(synthetic_cifar, tmp_path, monkeypatch, capsys):
+    import plots
+    import train_cifar
+    drawn = {}
+    monkeypatch.setattr(plots, 'save_image_grid', lambda path, images, titles, **kw: drawn.update(
+        images=images, titles=titles))
+    train_cifar.main(['--data-dir', synthetic_cifar, '--valid-size', '40', '--limit', '60', '--epochs', '1',
+                      '--lr', '0.01', '--save-dir', str(tmp_path), '--run-name', 'w', '--device', 'cpu'])
+    out = capsys.readouterr().out
+    mistakes = json.loads((tmp_path / 'w' / 'results.json').read_text())['worst_mistakes']
+    assert 0 < len(mistakes) <= 20 and len(drawn['titles']) == len(mistakes)
+    printed = out.split('top 3 classes by softmax probability):\n')[1].splitlines()[:len(mistakes)]
+    prepared = data.prepare_cifar10(synthetic_cifar, valid_size=40, seed=42, download=False)
+    for mistake, line, title, image in zip(mistakes, printed, drawn['titles'], drawn['images']):
+        assert line == train_cifar.format_mistake(mistake)
+        assert title.splitlines()[0] == f"true: {mistake['true']}"
+        assert title.splitlines()[1:] == [f"{name} {p:.2f}" for name, p in mistake['top3']]
+        np.testing.assert_array_equal(image, plots.draw_image(prepared['test_x'][mistake['index']],
+                                                              prepared['mean'], prepared['std']))
+        assert mistake['true'] == prepared['class_names'][prepared['test_y'][mistake['index']]]
