@@ -18,7 +18,7 @@ $(INSTALLED): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(BUILT): $(INSTALLED) im2col_cython.pyx setup_cython.py
+$(BUILT): $(INSTALLED) im2col_cython.pyx fast_kernels.pyx fast_kernels.hpp setup_cython.py
 	$(PY) setup_cython.py build_ext --inplace --quiet
 	touch $@
 
@@ -35,4 +35,4 @@ lab: setup
 	$(PY) lab.py $(ARGS)
 
 clean:
-	rm -rf build im2col_cython.c im2col_cython*.so $(BUILT)
+	rm -rf build im2col_cython*.so fast_kernels*.so $(BUILT)

@@ -1,22 +1,25 @@
 """Speed of one training step of the lab's MNIST net: the NumPy framework (fast and textbook layers) vs PyTorch on the CPU.
 
 A step is forward + loss + backward + SGD update on one batch of random images
-(speed does not depend on the pixel values). The three contenders run in one
-process, interleaved round by round, so a neighbour that loads the machine
-slows all of them alike; the medians and ratios are what to compare. Each
-timed step follows an untimed step of the same contender, as in a training
-loop: PyTorch's OpenMP workers spin on their cores for ~10 ms after every
-operation, and took that from a NumPy step that started right after a PyTorch
-one; after a pause instead, waking the idle cores made two-thread steps ~1.5x
-slower. --threads sets the fast layers' threads (fast_layers.set_num_threads:
-each heavy layer splits its work between them, with OpenBLAS single-threaded
-inside) and PyTorch's; the textbook layers run on OpenBLAS's own threads. A load average above the number of cores means other
-programs compete for the CPU, and multi-threaded timings suffer most (PyTorch's
-the most: its threads wait for each other at every operation). --profile adds
-the time of every layer's forward and backward in the fast float32 net.
+(speed does not depend on the pixel values). The contenders run in one
+process, interleaved round by round, at each thread count in turn, so a
+neighbour that loads the machine slows all of them alike; the medians and
+ratios are what to compare. Each timed step follows an untimed step of the
+same contender, as in a training loop: PyTorch's OpenMP workers spin on their
+cores for ~10 ms after every operation, and took that from a NumPy step that
+started right after a PyTorch one; after a pause instead, waking the idle
+cores made two-thread steps ~1.5x slower. --threads lists the thread counts:
+at each, the fast layers split their heavy work between that many threads
+(fast_layers.set_num_threads, with OpenBLAS single-threaded inside), PyTorch
+runs that many, and the textbook layers run on that many OpenBLAS threads. A
+load average above the number of cores means other programs compete for the
+CPU, and multi-threaded timings suffer most (PyTorch's the most: its threads
+wait for each other at every operation). --profile adds the time of every
+layer's forward and backward in the fast float32 net, and of the loss and the
+update: where each millisecond of its step goes.
 
-    python bench_layers.py                 # 30 rounds, all cores
-    python bench_layers.py --threads 1     # one core for the layers and for PyTorch
+    python bench_layers.py                   # 30 rounds, 1 thread and all cores
+    python bench_layers.py --threads 2       # two threads only
 """
 import os
 import time
@@ -30,46 +33,53 @@ import layers
 import nn
 import train
 
+CONTENDERS = ('fast float32', 'fast float64', 'textbook float32', 'torch float32')
+
 
 def parse_args():
     parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--steps', type=cli.positive_int, default=30,
-                        help='timed steps of each contender (default: 30)')
+                        help='timed steps of each contender at each thread count (default: 30)')
     parser.add_argument('--warmup', type=cli.positive_int, default=3, help='untimed steps first (default: 3)')
     parser.add_argument('--batch-size', type=cli.positive_int, default=50, help='(default: 50, the lab\'s)')
-    parser.add_argument('--threads', type=cli.positive_int, default=torch.get_num_threads(),
-                        help=f'threads of the layers and of PyTorch (default: {torch.get_num_threads()}, '
-                             'PyTorch\'s default)')
-    parser.add_argument('--profile', action='store_true', help='also time every layer of the fast float32 net')
+    all_cores = torch.get_num_threads()
+    parser.add_argument('--threads', type=cli.positive_int, nargs='+', default=sorted({1, all_cores}),
+                        help=f'thread counts of the layers and of PyTorch, each measured in turn '
+                             f'(default: {" ".join(map(str, sorted({1, all_cores})))}: one, and PyTorch\'s default)')
+    parser.add_argument('--profile', action='store_true',
+                        help='also time every layer, the loss and the update of the fast float32 net')
     parser.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     return parser.parse_args()
 
 
-def numpy_step(module, dtype, batch_size, rng, layer_times=None):
-    """One training step of the NumPy net made of `module`'s layers; with layer_times (a dict), each layer's
-    share is added there."""
+def numpy_step(module, dtype, batch_size, rng, profile=None):
+    """One training step of the NumPy net made of `module`'s layers. With profile (a dict), every layer's
+    forward and backward, the loss and the update append their seconds to profile[name]."""
     net, loss = train.make_net(module, batch_size, dtype), module.SoftmaxCrossEntropyWithLogits()
     x = rng.standard_normal((batch_size, 1, 28, 28)).astype(dtype)
     y = rng.integers(0, 10, batch_size)
-    if layer_times is not None:
-        for layer in net:
+    update = nn.sgd_update_params
+    if profile is not None:
+        for part in net + [loss]:
             for method in ('forward', 'backward_inputs', 'backward_params'):
-                if hasattr(layer, method):
-                    setattr(layer, method, timed(getattr(layer, method), f'{layer.name}.{method}', layer_times))
+                if hasattr(part, method):
+                    name = getattr(part, 'name', 'loss')
+                    setattr(part, method, timed(getattr(part, method), f'{name}.{method}', profile))
+        update = timed(update, 'SGD update', profile)
 
     def step():
         logits = nn.forward_pass(net, x)
         loss.forward(logits, y)
         grads = nn.backward_pass(net, loss, logits, y)
-        nn.sgd_update_params(grads, {'lr': 1e-3})
+        update(grads, {'lr': 1e-3})
     return step
 
 
-def timed(method, key, layer_times):
+def timed(function, key, profile):
     def wrapper(*args):
         start = time.perf_counter()
-        result = method(*args)
-        layer_times.setdefault(key, []).append(time.perf_counter() - start)
+        result = function(*args)
+        profile.setdefault(key, []).append(time.perf_counter() - start)
         return result
     return wrapper
 
@@ -91,46 +101,73 @@ def torch_step(batch_size, rng):
     return step
 
 
+def use_threads(threads):
+    torch.set_num_threads(threads)
+    fast_layers.set_num_threads(threads)
+    fast_layers.set_blas_threads(threads)   # the textbook layers' products; the fast layers set 1 inside
+
+
 def main():
     args = parse_args()
     cli.seed_everything(args.seed)
-    torch.set_num_threads(args.threads)
-    fast_layers.set_num_threads(args.threads)
-    if not fast_layers.set_blas_threads(args.threads):
+    if not fast_layers.set_blas_threads(1):
         print("note: NumPy's BLAS is not a bundled OpenBLAS here; it runs with its default thread count")
     rng = np.random.default_rng(args.seed)
-    layer_times = {} if args.profile else None
-    steps = {'fast float32': numpy_step(fast_layers, np.float32, args.batch_size, rng, layer_times),
-             'fast float64': numpy_step(fast_layers, np.float64, args.batch_size, rng),
-             'textbook float32': numpy_step(layers, np.float32, args.batch_size, rng),
-             'torch float32': torch_step(args.batch_size, rng)}
-    times = {name: [] for name in steps}
-    for _ in range(args.warmup):
-        for step in steps.values():
-            step()
-    for times_of_layer in (layer_times or {}).values():
-        times_of_layer.clear()
+    args.threads = sorted(set(args.threads))
+    profiles = {threads: {} for threads in args.threads} if args.profile else None
+    # One net per thread count: the profile of each is its own.
+    steps = {threads: {'fast float32': numpy_step(fast_layers, np.float32, args.batch_size, rng,
+                                                  None if profiles is None else profiles[threads]),
+                       'fast float64': numpy_step(fast_layers, np.float64, args.batch_size, rng),
+                       'textbook float32': numpy_step(layers, np.float32, args.batch_size, rng),
+                       'torch float32': torch_step(args.batch_size, rng)}
+             for threads in args.threads}
+    times = {threads: {name: [] for name in CONTENDERS} for threads in args.threads}
+    load_before = os.getloadavg()[0]
+    for threads in args.threads:
+        use_threads(threads)
+        for _ in range(args.warmup):
+            for step in steps[threads].values():
+                step()
+    for profile in (profiles or {}).values():
+        profile.clear()
     for _ in range(args.steps):  # round robin: a busy neighbour slows every contender alike
-        for name, step in steps.items():
-            step()   # untimed: this contender's threads are awake, the previous one's are idle
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+        for threads in args.threads:
+            use_threads(threads)
+            for name, step in steps[threads].items():
+                step()   # untimed: this contender's threads are awake, the previous one's are idle
+                start = time.perf_counter()
+                step()
+                times[threads][name].append(time.perf_counter() - start)
 
-    print(f"lab MNIST net, batch {args.batch_size}, {args.threads} thread(s), {args.steps} steps each "
-          f"(forward + backward + SGD), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'':17s} {'median ms/step':>15s} {'min ms/step':>12s} {'img/s':>8s}")
-    for name, seconds in times.items():
-        median = np.median(seconds)
-        print(f"{name:17s} {1e3 * median:15.1f} {1e3 * min(seconds):12.1f} {args.batch_size / median:8.0f}")
-    if layer_times:
-        print("fast float32, per layer (median ms):")
-        for key, seconds in layer_times.items():
-            print(f"  {key:28s} {1e3 * np.median(seconds):6.2f}")
-        print(f"  {'sum':28s} {1e3 * sum(np.median(seconds) for seconds in layer_times.values()):6.2f}")
-    for name in ('fast float32', 'fast float64', 'textbook float32'):
-        print(f"{name} / torch float32: {np.median(times[name]) / np.median(times['torch float32']):.2f} (medians), "
-              f"{min(times[name]) / min(times['torch float32']):.2f} (minima)")
+    kernels = fast_layers.fast_kernels
+    build = 'not built' if kernels is None else 'AVX2 + FMA build' if kernels.AVX2 else 'plain build'
+    print(f"lab MNIST net, batch {args.batch_size}, {args.steps} steps of each contender at each thread count "
+          f"(forward + backward + SGD), {os.cpu_count()} cores, load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after; fast kernels: {build}")
+    print(f"{'threads':>7s}  {'':17s} {'median ms/step':>15s} {'min ms/step':>12s} {'img/s':>8s} "
+          f"{'/ torch (medians)':>18s}")
+    for threads in args.threads:
+        torch_median = np.median(times[threads]['torch float32'])
+        for name, seconds in times[threads].items():
+            median = np.median(seconds)
+            print(f"{threads:7d}  {name:17s} {1e3 * median:15.1f} {1e3 * min(seconds):12.1f} "
+                  f"{args.batch_size / median:8.0f} {median / torch_median:18.2f}")
+    for threads in args.threads:
+        for name in CONTENDERS[:-1]:
+            ours, torch_times = times[threads][name], times[threads]['torch float32']
+            print(f"{name} / torch float32, {threads} thread(s): {np.median(ours) / np.median(torch_times):.2f} "
+                  f"(medians), {min(ours) / min(torch_times):.2f} (minima)")
+    for threads, profile in (profiles or {}).items():
+        # Minima too: on a loaded machine the medians of short calls mostly measure the neighbours.
+        print(f"fast float32, {threads} thread(s): where the step goes   median ms     min ms")
+        for key, seconds in profile.items():
+            print(f"  {key:28s} {1e3 * np.median(seconds):27.2f} {1e3 * min(seconds):10.2f}")
+        step = times[threads]['fast float32']
+        print(f"  {'sum':28s} {1e3 * sum(np.median(s) for s in profile.values()):27.2f} "
+              f"{1e3 * sum(min(s) for s in profile.values()):10.2f}")
+        print(f"  {'the whole step':28s} {1e3 * np.median(step):27.2f} {1e3 * min(step):10.2f}   "
+              f"(the rest: nn.py's loops)")
 
 
 if __name__ == '__main__':

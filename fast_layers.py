@@ -2,103 +2,110 @@
 
     import fast_layers as layers    # a drop-in replacement
 
-Convolution, MaxPooling and FC here subclass layers.py's and replace only how they compute:
-  - Convolution keeps the im2col columns in blocks of a few images, each still in the core's cache
-    when the matrix product reads it, and splits the blocks between threads;
+Convolution, MaxPooling, FC and ReLU here subclass layers.py's and replace only how they compute:
+  - Convolution runs direct kernels (fast_kernels.pyx, fast_kernels.hpp) instead of im2col and one
+    matrix product: each image copied k times instead of k*k, no col2im, and the multiply-adds in
+    vector registers;
   - MaxPooling runs the Cython kernels of im2col_cython.pyx (one pass, argmax as an index);
   - FC splits its matrix products between threads;
-  - the threads run with OpenBLAS single-threaded inside (the machinery is at the end of this file).
-Every other layer and loss is layers.py's own. tests/test_fast_layers.py proves each twin equal to
-its textbook layer.
+  - ReLU makes one pass over memory each way instead of two;
+  - the heavy layers split their work between threads, with OpenBLAS single-threaded inside (the
+    machinery is at the end of this file).
+Without the compiled extensions each twin is its textbook layer. Every other layer and loss is
+layers.py's own. tests/test_fast_layers.py proves each twin equal to its textbook layer.
 """
 import contextvars
 import ctypes
 import glob
 import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
+import threading
 
 import numpy as np
 
 import im2col
 import layers
-from im2col import col2im_into, im2col_into
-from layers import (Flatten, L2Regularizer, Layer, RegularizedLoss, ReLU,  # noqa: F401 (the same API)
+from layers import (Flatten, L2Regularizer, Layer, RegularizedLoss,  # noqa: F401 (the same API)
                     SoftmaxCrossEntropyWithLogits, variance_scaling_initializer, zero_init)
+
+try:
+    import fast_kernels
+except ImportError:
+    fast_kernels = None
+    if im2col.kernels is not None:   # else im2col.py has already said how to build both extensions
+        print(f"warning: fast_kernels is not built, fast_layers runs the textbook convolution and ReLU; "
+              f"build it with: {im2col.BUILD_COMMAND}", file=sys.stderr)
 
 
 class Convolution(layers.Convolution):
-    """layers.Convolution, with the im2col columns kept for backward in blocks of n images:
+    """layers.Convolution computed directly by fast_kernels, without the im2col matrix.
 
-    x_cols: (N/n, C*k*k, n*H'*W'); x_cols[b] = im2col of images b*n .. (b+1)*n - 1.
+    x_shifted: (N, C, k, plane), kept for backward_params: each image copied k times, once per kernel
+    column, as fast_kernels.hpp explains. The textbook layer copies it k*k times, into x_cols.
+    Without the compiled extension it is layers.Convolution.
     """
-    # x_cols, the im2col columns kept for backward, is stored in blocks of a few images:
-    # x_cols[b] = im2col(x[b*n:(b+1)*n]), shape (C*k*k, n*H'*W'), with n images per block.
-    # A block (at most chunk_bytes, or one image) is still in the core's L2 cache when the GEMM
-    # reads it after im2col wrote it, and it is contiguous: the columns of a few images inside one
-    # (C*k*k, N*H'*W') matrix are 400 short pieces 39 kB apart in the lab net's conv2, and
-    # im2col + GEMM ran ~1.3x slower on them. Threads take contiguous runs of blocks.
-    # chunk_bytes = float('inf') gives one block, the textbook matrix. Tests check that every split agrees.
-    chunk_bytes = 256 << 10
-
-    def _images_per_block(self, N):
-        """The most images, dividing N, whose columns fit in chunk_bytes (at least 1)."""
-        bytes_per_image = self.weights.shape[1] * self.shape[2] * self.shape[3] * self.dtype.itemsize
-        most = int(max(1, min(N, self.chunk_bytes // bytes_per_image)))
-        return max(n for n in range(1, most + 1) if N % n == 0)
-
-    def _blocks(self, N):
-        """Per-thread runs of blocks: a list of lists of (block index, slice of its images)."""
-        n = self._images_per_block(N)
-        runs = _parts(N // n, N * self.weights.size * self.shape[2] * self.shape[3])
-        return [[(b, slice(b * n, (b + 1) * n)) for b in range(run.start, run.stop)] for run in runs]
+    # Why direct kernels: with im2col, the lab net's conv2 spent 7 of its 22 ms (one thread, a busy
+    # machine) on im2col and col2im, and its three products of 32 filters ran at 42-57 GFLOP/s; the
+    # kernels run at 67-78 with k copies of the input instead of k*k, and no col2im.
 
     def forward(self, x):
+        if fast_kernels is None:
+            return super().forward(x)
         self._check_input(x)
-        N, (F, out_h, out_w), k = x.shape[0], self.shape[1:], self.kernel_size
-        n = self._images_per_block(N)
-        # The next forward overwrites x_cols in place: a fresh 16 MB array each step costs
-        # ~1-2 ms of page faults (the kernel zeroes every new page) in the lab net's conv2.
-        shape = (N // n, self.weights.shape[1], n * out_h * out_w)
-        if getattr(self, 'x_cols', None) is None or self.x_cols.shape != shape:
-            self.x_cols = np.empty(shape, dtype=self.dtype)
-        out = np.empty((N, F, out_h, out_w), dtype=self.dtype)
+        x = np.ascontiguousarray(x)
+        shape = fast_kernels.shifted_shape(x.shape, self.kernel_size, self.pad, self.dtype)
+        # Overwritten in place by the next forward: a fresh array of a few MB each step would cost
+        # ~1 ms of page faults (the kernel zeroes every new page).
+        if getattr(self, 'x_shifted', None) is None or self.x_shifted.shape != shape:
+            self.x_shifted = np.empty(shape, dtype=self.dtype)
+        out = np.empty((x.shape[0],) + self.shape[1:], dtype=self.dtype)
 
-        def forward_blocks(blocks):
-            for b, images in blocks:
-                cols = self.x_cols[b]
-                im2col_into(x[images], cols, k, k, self.pad, self.stride)
-                # One GEMM per image, (F, C*k*k) @ (C*k*k, H'*W'), straight into the NCHW output:
-                # no transposed copy, and as fast as one GEMM for all n images.
-                out_images = out[images].reshape(n, F, out_h * out_w)
-                np.matmul(self.weights, cols.reshape(-1, n, out_h * out_w).transpose(1, 0, 2), out=out_images)
-                out_images += self.bias[:, None]
-        _in_parallel(forward_blocks, self._blocks(N))
+        def forward_images(images):
+            fast_kernels.forward_into(x[images], self.weights, self.bias, self.kernel_size, self.pad,
+                                      self.x_shifted[images], out[images])
+        _in_parallel(forward_images, self._image_parts(x.shape[0]))
         return out
 
     def backward_inputs(self, grad_out):
-        k = self.kernel_size
+        if fast_kernels is None:
+            return super().backward_inputs(grad_out)
+        grad_out = np.ascontiguousarray(grad_out)
+        F, C, k = self.num_filters, self.C, self.kernel_size
+        # dL/dx is again a convolution: of grad_out, padded with k - 1 - pad zeros, with the kernel
+        # flipped in both directions and its filters and channels swapped (C filters of F channels).
+        flipped = np.ascontiguousarray(self.weights.reshape(F, C, k, k)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        flipped, pad = flipped.reshape(C, F * k * k), k - 1 - self.pad
         grad_x = np.empty((grad_out.shape[0],) + self.input_shape[1:], dtype=self.dtype)
 
-        def backward_blocks(blocks):
-            for _, images in blocks:
-                grad_cols = self.weights.T @ self._grad_rows(grad_out[images])  # (C*k*k, n*H'*W')
-                col2im_into(grad_cols, grad_x[images], k, k, self.pad, self.stride)
-        _in_parallel(backward_blocks, self._blocks(grad_out.shape[0]))
+        def backward_images(images):
+            # the shifted planes of one image at a time: nothing keeps them
+            planes = np.empty((1,) + fast_kernels.shifted_shape(grad_out.shape, k, pad, self.dtype)[1:], self.dtype)
+            fast_kernels.forward_into(grad_out[images], flipped, None, k, pad, planes, grad_x[images])
+        _in_parallel(backward_images, self._image_parts(grad_out.shape[0]))
         return grad_x
 
     def backward_params(self, grad_out):
-        def block_sums(blocks):   # each block's share of the gradients
-            sums = []
-            for b, images in blocks:
-                grad_rows = self._grad_rows(grad_out[images])
-                # x_cols[b] @ grad_rows.T is grad_rows @ x_cols[b].T transposed; BLAS runs this
-                # orientation faster because both operands are read along their contiguous rows.
-                sums.append((self.x_cols[b] @ grad_rows.T, grad_rows.sum(axis=1)))
-            return sums
-        # Added up block by block in block order, so the result does not depend on the thread count.
-        sums = [block for run in _in_parallel(block_sums, self._blocks(grad_out.shape[0])) for block in run]
-        grad_weights, grad_bias = (sum(terms[1:], terms[0]) for terms in zip(*sums))
-        return [[self.weights, np.ascontiguousarray(grad_weights.T)], [self.bias, grad_bias], self.name]
+        if fast_kernels is None:
+            return super().backward_params(grad_out)
+        grad_out = np.ascontiguousarray(grad_out)
+        grad_weights, grad_bias = np.empty_like(self.weights), np.empty_like(self.bias)
+        # Threads take runs of weight columns (taps), the bias last; each sums over the whole batch,
+        # so the split changes no result (fast_kernels.weight_grad_into).
+        columns, block = self.weights.shape[1] + 1, fast_kernels.TAP_BLOCK
+
+        def column_blocks(blocks):
+            taps = slice(blocks.start * block, min(blocks.stop * block, columns))
+            fast_kernels.weight_grad_into(self.x_shifted, grad_out, self.kernel_size, self.pad, taps,
+                                          grad_weights, grad_bias)
+        _in_parallel(column_blocks, _parts(-(-columns // block), self._work(grad_out.shape[0])))
+        return [[self.weights, grad_weights], [self.bias, grad_bias], self.name]
+
+    def _work(self, N):
+        """Multiply-adds of one pass over N images."""
+        return N * self.weights.size * self.shape[2] * self.shape[3]
+
+    def _image_parts(self, N):
+        return _parts(N, self._work(N))
 
 
 class MaxPooling(layers.MaxPooling):
@@ -176,16 +183,41 @@ class FC(layers.FC):
         return [[self.weights, grad_weights], [self.bias, grad_out.sum(axis=0)], self.name]
 
 
+class ReLU(layers.ReLU):
+    """layers.ReLU in one pass over memory each way (fast_kernels), on one thread: the lab net's
+    largest ReLU takes ~0.05 ms, about what waking a second thread costs.
+
+    positive: x > 0 (bool, the shape of x), kept for backward. Without the extension it is layers.ReLU.
+    """
+
+    def forward(self, x):
+        if fast_kernels is None:
+            return super().forward(x)
+        self._check_input(x)
+        x = np.ascontiguousarray(x)
+        out, self.positive = np.empty_like(x), np.empty(x.shape, dtype=bool)
+        fast_kernels.relu_forward_into(x, out, self.positive)
+        return out
+
+    def backward_inputs(self, grad_out):
+        if fast_kernels is None:
+            return super().backward_inputs(grad_out)
+        grad_out = np.ascontiguousarray(grad_out)
+        grad_x = np.empty_like(grad_out)
+        fast_kernels.relu_backward_into(grad_out, self.positive, grad_x)
+        return grad_x
+
+
 # ----------------------------------------------------------------------------- threads
-# The heavy layers split their work (the batch, or a weight matrix's rows) into
-# one fixed part per thread and run the parts at once in Python threads; NumPy's GEMMs and the
-# Cython kernels release the GIL. While they do, OpenBLAS runs single-threaded in each thread:
-# its own threads scale badly on these small GEMMs (M = 16 or 32 filters), the im2col/pooling
-# kernels around them would run on one core, and two callers of a multi-threaded OpenBLAS queue
-# for its one thread pool. On an idle 2-core machine two threads ran conv2 of the lab net 1.9x
-# faster than one (a busy neighbour takes that back: a region waits for its slowest part).
-# The parts are fixed, so results do not change from run to run, and the convolution adds its
-# weight gradients block by block in block order, whatever the thread count.
+# The heavy layers split their work (the batch, a weight matrix's rows or columns) into one fixed
+# part per thread and run the parts at once in Python threads; NumPy's GEMMs and the compiled
+# kernels release the GIL. While they do, OpenBLAS runs single-threaded in each thread: its own
+# threads scale badly on these small GEMMs, the kernels around them would run on one core, and two
+# callers of a multi-threaded OpenBLAS queue for its one thread pool. A busy neighbour takes much of
+# the gain back: a region waits for its slowest part.
+# The parts are fixed, so results do not change from run to run. A convolution gives the same bits
+# for every thread count (each image, or each weight column, is one thread's whole); the FC layers'
+# products may round differently when split differently.
 
 def _find_openblas():
     """(set_num_threads, get_num_threads) of NumPy's bundled OpenBLAS, or None (another BLAS, e.g. Accelerate)."""
@@ -207,20 +239,78 @@ def _find_openblas():
     return None
 
 
+class _Team:
+    """`count` worker threads, each running the part of a parallel region it is handed, then waiting
+    for the next: a pair of locks per worker, no futures and no queue, so a region costs ~20 us of
+    CPU where a ThreadPoolExecutor took ~45 (measured with empty parts on the 2-core machine)."""
+
+    _STOP = object()
+
+    def __init__(self, count):
+        self._start = [threading.Lock() for _ in range(count)]    # released by the caller: go
+        self._finish = [threading.Lock() for _ in range(count)]   # released by the worker: done
+        for lock in self._start + self._finish:
+            lock.acquire()
+        self._jobs, self._results = [None] * count, [None] * count
+        self._region = threading.Lock()   # one region at a time, whichever thread calls
+        self._threads = [threading.Thread(target=self._serve, args=(i,), name=f'layers-{i + 1}', daemon=True)
+                         for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self, i):
+        while True:
+            self._start[i].acquire()
+            if self._jobs[i] is self._STOP:
+                return
+            context, function, part = self._jobs[i]
+            try:
+                self._results[i] = (context.run(function, part), None)
+            except BaseException as error:   # handed to the caller
+                self._results[i] = (None, error)
+            self._finish[i].release()
+
+    def run(self, function, parts):
+        """[function(part) for part in parts]: parts[1:] on the workers, parts[0] in this thread."""
+        with self._region:
+            workers = range(len(parts) - 1)
+            for i in workers:
+                # A copy of the caller's context, so np.errstate (a context variable) holds in the workers too.
+                self._jobs[i] = (contextvars.copy_context(), function, parts[i + 1])
+                self._start[i].release()
+            try:
+                first = function(parts[0])
+            finally:   # never leave a thread writing into arrays after an error here
+                for i in workers:
+                    self._finish[i].acquire()
+            results = self._results[:len(workers)]
+            self._jobs[:len(workers)] = self._results[:len(workers)] = [None] * len(workers)   # free the arrays
+            for _, error in results:
+                if error is not None:
+                    raise error
+            return [first] + [result for result, _ in results]
+
+    def shutdown(self):
+        for i, thread in enumerate(self._threads):
+            self._jobs[i] = self._STOP
+            self._start[i].release()
+            thread.join()
+
+
 _openblas = _find_openblas()
 num_threads = 1
-_workers = None
+_team = None
 
 
 def set_num_threads(threads):
     """Threads the layers use (default: the CPUs this process may run on, at most 8)."""
-    global num_threads, _workers
+    global num_threads, _team
     if threads < 1:
         raise ValueError(f"need at least one thread, got {threads}")
-    if _workers is not None:
-        _workers.shutdown()
+    if _team is not None:
+        _team.shutdown()
     num_threads = int(threads)
-    _workers = ThreadPoolExecutor(num_threads - 1, thread_name_prefix='layers') if num_threads > 1 else None
+    _team = _Team(num_threads - 1) if num_threads > 1 else None
 
 
 def set_blas_threads(threads):
@@ -261,10 +351,4 @@ def _in_parallel(function, parts):
 
 
 def _run(function, parts):
-    # Each part runs in a copy of the caller's context, so np.errstate (a context variable) holds in the workers too.
-    futures = [_workers.submit(contextvars.copy_context().run, function, part) for part in parts[1:]]
-    try:
-        first = function(parts[0])
-    finally:   # never leave a thread writing into arrays after an error here
-        others = [future.result() for future in futures]
-    return [first] + others
+    return [function(parts[0])] if len(parts) == 1 else _team.run(function, parts)

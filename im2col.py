@@ -10,8 +10,6 @@ col2im is the adjoint of im2col: <im2col(x), c> == <x, col2im(c)>.
 
 Where the extension is not built yet, the names im2col_cython and col2im_cython
 stand for the NumPy versions below (slower, same results), with a warning.
-im2col_into / col2im_into write into a given array instead (fast_layers.py's
-Convolution uses them on blocks of a few images).
 """
 import sys
 
@@ -55,20 +53,11 @@ def col2im_numpy(cols, N, C, H, W, field_height, field_width, padding, stride):
     return dx_padded[:, :, padding:padding + H, padding:padding + W]
 
 
-def im2col_into_numpy(x, cols, field_height, field_width, padding, stride):
-    cols[...] = im2col_numpy(x, field_height, field_width, padding, stride)
-
-
-def col2im_into_numpy(cols, dx, field_height, field_width, padding, stride):
-    dx[...] = col2im_numpy(cols, *dx.shape, field_height, field_width, padding, stride)
-
-
 try:
     import im2col_cython as kernels   # also holds the max-pooling kernels of fast_layers.MaxPooling
-    from im2col_cython import col2im_cython, col2im_into, im2col_cython, im2col_into
+    from im2col_cython import col2im_cython, im2col_cython
 except ImportError:
     print(f"warning: im2col_cython is not built, using the slow NumPy im2col; build it with: {BUILD_COMMAND}",
           file=sys.stderr)
     kernels = None
     im2col_cython, col2im_cython = im2col_numpy, col2im_numpy
-    im2col_into, col2im_into = im2col_into_numpy, col2im_into_numpy

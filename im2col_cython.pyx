@@ -159,39 +159,20 @@ def im2col_cython(x, int field_height, int field_width, int padding, int stride)
     out_h = _output_size(H, field_height, padding, stride)
     out_w = _output_size(W, field_width, padding, stride)
     cols = np.empty((C * field_height * field_width, N * out_h * out_w), dtype=x.dtype)
-    im2col_into(x, cols, field_height, field_width, padding, stride)
-    return cols
-
-
-def im2col_into(x, cols, int field_height, int field_width, int padding, int stride):
-    """im2col written into `cols`, which may be a block of columns of a bigger matrix (rows must be contiguous)."""
-    x = np.ascontiguousarray(x)
-    _check_images(x, 'im2col')
-    N, C, H, W = x.shape
-    out_h = _output_size(H, field_height, padding, stride)
-    out_w = _output_size(W, field_width, padding, stride)
-    _check_cols(cols, (C * field_height * field_width, N * out_h * out_w), x.dtype, 'im2col')
     _im2col_fill(x, cols, field_height, field_width, padding, stride, out_h, out_w)
+    return cols
 
 
 def col2im_cython(cols, int N, int C, int H, int W, int field_height, int field_width,
                   int padding, int stride):
     """Adjoint of im2col: sums every column entry back onto its pixel -> (N, C, H, W)."""
-    dx = np.empty((N, C, H, W), dtype=cols.dtype)
-    col2im_into(cols, dx, field_height, field_width, padding, stride)
-    return dx
-
-
-def col2im_into(cols, dx, int field_height, int field_width, int padding, int stride):
-    """col2im written into (overwriting) the C-contiguous (N, C, H, W) array dx."""
-    _check_images(dx, 'col2im')
-    if not dx.flags.c_contiguous:
-        raise ValueError("col2im needs a C-contiguous output array")
-    N, C, H, W = dx.shape
     out_h = _output_size(H, field_height, padding, stride)
     out_w = _output_size(W, field_width, padding, stride)
-    _check_cols(cols, (C * field_height * field_width, N * out_h * out_w), dx.dtype, 'col2im')
+    cols = np.ascontiguousarray(cols)
+    _check_cols(cols, (C * field_height * field_width, N * out_h * out_w), 'col2im')
+    dx = np.empty((N, C, H, W), dtype=cols.dtype)
     _col2im_fill(cols, dx, field_height, field_width, padding, stride, out_h, out_w)
+    return dx
 
 
 def _check_images(x, what):
@@ -199,10 +180,9 @@ def _check_images(x, what):
         raise ValueError(f"{what} expects a float32/float64 (N, C, H, W) array, got {x.dtype} {x.shape}")
 
 
-def _check_cols(cols, shape, dtype, what):
-    if cols.shape != shape or cols.dtype != dtype or cols.strides[1] != cols.itemsize:
-        raise ValueError(f"{what} expects {dtype} cols of shape {shape} with contiguous rows, "
-                         f"got {cols.dtype} {cols.shape}")
+def _check_cols(cols, shape, what):
+    if cols.shape != shape or cols.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{what} expects float32/float64 cols of shape {shape}, got {cols.dtype} {cols.shape}")
 
 
 cdef void _max_pool_plane(const floating *x, floating *out, int *argmax, Py_ssize_t H, Py_ssize_t W,

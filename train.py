@@ -112,12 +112,18 @@ def check_args(args):
 
 def write_summary(args, run_dir):
     """Task 1's questions answered from the net's layers: the table on stdout, summary.json and the sketch
-    net.png in run_dir."""
-    net = make_net(LAYERS[args.layers], args.batch_size, np.dtype(args.dtype).type)
-    rows = summary.model_summary(net, args.batch_size)
-    print(f"The lab's net ({args.layers} layers, {args.dtype}) for a batch of {args.batch_size}:\n"
-          f"{summary.format_summary(rows)}")
-    cli.write_json(os.path.join(run_dir, 'summary.json'), {'layers': rows, 'memory': summary.memory(rows)})
+    net.png in run_dir. The memory question is about the lab's im2col design, so the summary runs the
+    textbook layers, with one line on what their fast twins keep instead."""
+    dtype = np.dtype(args.dtype).type
+    rows = summary.model_summary(make_net(layers, args.batch_size, dtype), args.batch_size)
+    fast_rows = summary.model_summary(make_net(fast_layers, args.batch_size, dtype), args.batch_size)
+    fast_kept = summary.memory(fast_rows)['kept_bytes']
+    print(f"The lab's net (layers.py, {args.dtype}) for a batch of {args.batch_size}:\n{summary.format_summary(rows)}\n"
+          f"  fast_layers.py keeps {summary.human_bytes(fast_kept['float32'])} in float32 "
+          f"({summary.human_bytes(fast_kept['float64'])} in float64): its convolutions copy each input pixel once "
+          f"per kernel column, not once per tap.")
+    cli.write_json(os.path.join(run_dir, 'summary.json'), {'layers': rows, 'memory': summary.memory(rows),
+                                                           'fast_layers_kept_bytes': fast_kept})
     plots.draw_net(os.path.join(run_dir, 'net.png'), rows)
 
 

@@ -54,12 +54,10 @@ CONV_CASES = [  # N, C, H, W, filters, kernel, padding
 ]
 
 
-def conv_against_torch(layers, case, dtype, rng, chunk_bytes=None):
+def conv_against_torch(layers, case, dtype, rng):
     N, C, H, W, num_filters, k, padding = case
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     conv = layers.Convolution(x, num_filters, k, 'conv', padding=padding)
-    if chunk_bytes is not None:  # fast_layers.Convolution's block size
-        conv.chunk_bytes = chunk_bytes
     conv.bias[:] = rng.standard_normal(num_filters)
     out = conv.forward(x)
     grad_out = rng.standard_normal(out.shape).astype(dtype)
