@@ -102,17 +102,17 @@ def test_the_lab_net_on_fast_layers_computes_what_it_computes_on_textbook_layers
 
 
 @pytest.mark.parametrize('dtype', [np.float64, np.float32])
-def test_every_thread_count_gives_the_same_results_every_time(threads, dtype):
+@pytest.mark.parametrize('batch', [1, 7, 50])
+def test_every_thread_count_gives_the_same_bits(threads, dtype, batch):
+    """The lab's net: logits and every gradient, bit for bit, on 1, 2, 3, 7 and 8 threads, run after run."""
     rng = np.random.default_rng(12)
-    x, y = rng.standard_normal((7, 1, 28, 28)).astype(dtype), rng.integers(0, 10, 7)
+    x, y = rng.standard_normal((batch, 1, 28, 28)).astype(dtype), rng.integers(0, 10, batch)
     threads(1)
     reference = lab_net_step(fast_layers, x, y)
-    for count in (2, 3, 7, 8):   # 8 > batch: some threads get no images
+    for count in (2, 3, 7, 8):   # 8 > batch 7: some threads get no images
         threads(count)
-        first, again = lab_net_step(fast_layers, x, y), lab_net_step(fast_layers, x, y)
-        for ours, expected, repeated in zip(first, reference, again):
-            np.testing.assert_array_equal(ours, repeated)   # a fixed split: deterministic
-            assert_equal_layers(ours, expected, RTOL[dtype])   # only the order of the batch sums differs
+        for ours, expected in zip(lab_net_step(fast_layers, x, y), reference):
+            np.testing.assert_array_equal(ours, expected)
 
 
 @pytest.mark.parametrize('dtype', [np.float64, np.float32])
