@@ -206,3 +206,20 @@ def plot_run_comparison(path, histories, loss_titles, title=None):
     for ax, (name, history) in zip(axes[1:], histories.items()):
         _plot_curves(ax, history, "loss", f"{name}: {loss_titles[name]}")
     return _save(fig, path, title)
+
+
+def plot_time_to_accuracy(path, runs, targets=(), title=None):
+    """Test accuracy and training loss against training seconds, one line per run, with the target
+    accuracies as dotted lines. runs: {label: history with lists seconds, test_acc, train_loss}."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, curve in runs.items():
+        ax_acc.plot(curve["seconds"], curve["test_acc"], marker="o", label=label)
+        ax_loss.plot(curve["seconds"], curve["train_loss"], marker="o", label=label)
+    for target in targets:
+        ax_acc.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+    ax_acc.set(title="Test accuracy", xlabel="training seconds (evaluation excluded)", ylabel="accuracy")
+    ax_loss.set(title="Training loss (label-smoothed, mean since last point)", xlabel="training seconds")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path, title)

@@ -12,21 +12,25 @@ CIFAR-10 trainers (KellerJordan/cifar10-airbench, tysam-code/hlb-CIFAR10), writt
     patches' covariance), then three blocks conv3x3 -> maxpool -> BN -> GELU -> conv3x3 -> BN -> GELU,
     a global max-pool and a linear layer whose logits are scaled down (x1/8, so large learning rates
     do not saturate the softmax early); convolutions start as identity maps (dirac init) plus noise;
-  - label smoothing 0.2, Nesterov SGD, one-cycle schedule (linear warm-up, linear decay to zero);
+  - label smoothing 0.2, a one-cycle schedule (linear warm-up, linear decay to zero), and either Nesterov
+    SGD or --optimizer muon: Muon (muon.py, momentum orthogonalised by Newton-Schulz) for the conv filter
+    banks, Nesterov SGD for the rest;
   - an exponential moving average (EMA) of the weights is what gets evaluated;
   - test-time augmentation: the logits averaged over the image, its mirror image (and with --tta 2,
     both shifted by one pixel);
-  - channels_last memory and bfloat16 autocast, on the GPU and on CPUs with AVX-512 BF16 (~2x faster
-    here than float32).
+  - channels_last memory, and bfloat16 autocast where the hardware computes in bfloat16 (GPUs, CPUs with
+    AVX-512 BF16 or AMX: about 2x the speed of float32 there); elsewhere float32, because bfloat16 would be
+    emulated and several times slower (bench_cifar.py measures both).
 Shapes per image: 3x32x32 -> whiten 24x31x31 -> block1 w1x15x15 -> block2 w2x7x7 -> block3 w3x3x3 -> max w3 -> 10.
 
 Nothing is chosen on validation data (fixed schedule, no early stopping), so by default the lab's 5000
 validation images are trained on too and the test set is the yardstick; --holdout keeps them out.
 
---time-budget SECONDS sizes the schedule: a few warm-up steps (run, timed, then undone) give the speed,
-from which the number of steps is fixed so that warm-up + training end within the budget and the
-learning rate still decays to zero. The training clock stops during evaluations (--eval-every) and
-excludes the warm-up, which is reported separately; the GPU is synchronised before every clock reading.
+--time-budget SECONDS covers everything from the first warm-up step to the final test accuracy: a few
+warm-up steps (run, timed, then undone) give the speed of a step and of the final evaluation, and the
+schedule then follows the training clock so that the learning rate reaches zero, and the final evaluation
+ends, when the budget runs out. The clock stops during the evaluations along the way (--eval-every); the
+GPU is synchronised before every clock reading.
 
 Under torchrun each process takes a disjoint 1/N shard of every epoch's permutation and a 1/N share of
 the batch; DistributedDataParallel averages the gradients (gloo on the CPU, nccl on GPUs), batch norm
@@ -39,94 +43,137 @@ Writes into <save-dir>/<run-name>/:
     model_seed<S>.pt        state_dict of the evaluated (EMA) model of each seed
 """
 import argparse
+import contextlib
 import copy
+import functools
 import hashlib
 import math
 import os
 import time
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import checkpoint
+import cli
+import data
+import distributed
+import metrics
+import muon
+from plots import plot_time_to_accuracy
 
-import cli  # noqa: E402
-import data  # noqa: E402
-import metrics  # noqa: E402
+# ----------------------------------------------------------------------------- settings
+# Every setting is the default of the command-line option of the same name (--label-smoothing, ...).
 
-TARGETS = (0.85, 0.90, 0.94)
-# Measured on 2 cores (AVX-512 BF16): widths 64/128/256 train ~870 img/s, airbench's 64/256/256 ~520 img/s,
-# so 10 CPU minutes buy ~11 epochs of the former and ~7 of the latter. The CPU preset's lr, momentum and
-# weight decay are airbench94's (lr 11.5, momentum 0.85, weight decay 0.0153 in its units: a summed loss,
-# steps scaled by 1 + 1/(1 - momentum)) translated to a mean loss at batch 512; in a 5-minute run they gave
-# 87.5% against 87.0% for lr 0.4, momentum 0.9, weight decay 5e-4 (one seed each). The GPU preset is untried.
+RECIPE = dict(
+    label_smoothing=0.2,  # of the cross-entropy targets
+    warmup=0.2,           # fraction of the steps with a rising learning rate
+    ema=0.98,             # decay per step of the evaluated weight average; 0 evaluates the raw weights
+    translate=2,          # random translations of the training images by up to this many pixels
+    precision='auto',     # autocast dtype; auto: bf16 where the hardware computes in it, else fp32
+)
+EMA_EVERY = 5  # steps between EMA updates (decay ** 5 each time: the same average at a fifth of the cost)
+TARGETS = (0.85, 0.90, 0.94)  # test accuracies whose first training second is reported
+
+# The presets fill the options not given. Speeds on 2 cores (AVX-512 BF16): widths 64/128/256 train ~810-870
+# img/s, airbench's 64/256/256 ~470-520 img/s, so 10 CPU minutes buy ~9.5 epochs of the former, ~5.6 of the latter.
+# SGD: airbench94's lr 11.5, momentum 0.85 and weight decay 0.0153 (its units: a summed loss, steps scaled by
+# 1 + 1/(1 - momentum)) translated to a mean loss: lr 0.75 and weight decay 1.33e-3 at batch 512, the lr in
+# proportion to the batch. In a 5-minute run they gave 87.5% against 87.0% for lr 0.4, momentum 0.9, weight
+# decay 5e-4 (one seed each).
+# Muon: its lr is a relative step size (muon.py), the same for a summed or a mean loss. airbench94_muon's lr 0.24
+# and momentum 0.6 at batch 2000 become lr = 0.24 * batch / 2000 (the same total step per epoch) and
+# 1 - momentum = 0.4 * sqrt(batch / 2000) (the momentum averages over more steps, fewer images, as the batch
+# shrinks): at batch 1000 that is lr 0.12 and momentum 0.72, where airbench measured 0.5x its lr and momentum
+# 0.7 as best; at batch 256, lr 0.03 and momentum 0.85. The parameters SGD trains alongside Muon (whitening
+# bias, BN, head) keep the SGD settings. The GPU preset is untried: `--preset gpu --optimizer muon` is its Muon.
 PRESETS = {
-    'cpu': dict(widths='64,128,256', batch_size=512, lr=0.75, momentum=0.85, weight_decay=1.33e-3, epochs=10.0, tta=2),
-    'gpu': dict(widths='64,256,256', batch_size=1024, lr=0.8, momentum=0.9, weight_decay=5e-4, epochs=10.0, tta=2),
+    'cpu': dict(widths=(64, 128, 256), batch_size=512, optimizer='sgd', lr=0.75, momentum=0.85,
+                weight_decay=1.33e-3, muon_lr=0.06, muon_momentum=0.8, epochs=10.0, tta=2),
+    'gpu': dict(widths=(64, 256, 256), batch_size=1024, optimizer='sgd', lr=0.8, momentum=0.9,
+                weight_decay=5e-4, muon_lr=0.12, muon_momentum=0.7, epochs=10.0, tta=2),
 }
+
+
+def fraction(text):
+    """A number in [0, 1): label smoothing, warm-up fraction, EMA decay."""
+    value = cli.non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def widths(text):
+    """'64,128,256' -> (64, 128, 256): the channels of the three blocks."""
+    try:
+        values = tuple(int(w) for w in text.split(','))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive integers like 64,128,256, got {text!r}")
+    return values
 
 
 def make_parser():
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(parser, seed=0)
+    cli.add_common_args(parser)
     parser.add_argument('--preset', choices=sorted(PRESETS), default='cpu',
                         help='defaults for the options below; explicit options override them (default: cpu)')
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                         help='auto: the GPU if there is one, else the CPU (default: auto)')
-    parser.add_argument('--widths', help='channels of the three blocks, e.g. 64,128,256')
+    parser.add_argument('--widths', type=widths, help='channels of the three blocks, e.g. 64,128,256')
     parser.add_argument('--batch-size', type=cli.positive_int, help='global mini-batch size (all processes together)')
-    parser.add_argument('--lr', type=cli.positive_float, help='peak learning rate of the one-cycle schedule')
-    parser.add_argument('--momentum', type=cli.non_negative_float, help='Nesterov momentum')
-    parser.add_argument('--weight-decay', type=cli.non_negative_float, help='L2 weight decay of the conv and linear weights')
-    parser.add_argument('--label-smoothing', type=cli.non_negative_float, default=0.2, help='(default: 0.2)')
-    parser.add_argument('--warmup', type=cli.non_negative_float, default=0.2,
-                        help='fraction of the steps with a rising learning rate (default: 0.2)')
-    parser.add_argument('--ema', type=cli.non_negative_float, default=0.98,
-                        help='EMA decay per step (applied every 5 steps); 0 evaluates the raw weights (default: 0.98)')
-    parser.add_argument('--translate', type=int, choices=[0, 1, 2, 3, 4], default=2,
-                        help='random translation of the training images by up to this many pixels (default: 2)')
+    parser.add_argument('--optimizer', choices=['sgd', 'muon'],
+                        help='sgd: Nesterov SGD for everything; muon: Muon for the conv filter banks, SGD for the rest')
+    parser.add_argument('--lr', type=cli.positive_float, help="SGD's peak learning rate of the one-cycle schedule")
+    parser.add_argument('--momentum', type=cli.non_negative_float, help="SGD's Nesterov momentum")
+    parser.add_argument('--weight-decay', type=cli.non_negative_float,
+                        help='L2 weight decay of the weights SGD trains (conv and linear; not BN, not biases)')
+    parser.add_argument('--muon-lr', type=cli.positive_float,
+                        help="Muon's peak relative step size of the filter banks (--optimizer muon)")
+    parser.add_argument('--muon-momentum', type=fraction, help="Muon's Nesterov momentum (--optimizer muon)")
+    parser.add_argument('--label-smoothing', type=fraction, help='in [0, 1) (default: %(default)s)')
+    parser.add_argument('--warmup', type=fraction,
+                        help='fraction of the steps with a rising learning rate (default: %(default)s)')
+    parser.add_argument('--ema', type=fraction,
+                        help=f'EMA decay per step (applied every {EMA_EVERY} steps); 0 evaluates the raw weights '
+                             '(default: %(default)s)')
+    parser.add_argument('--translate', type=int, choices=[0, 1, 2, 3, 4],
+                        help='random translation of the training images by up to this many pixels (default: %(default)s)')
     parser.add_argument('--tta', type=int, choices=[0, 1, 2],
                         help='test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts')
     parser.add_argument('--epochs', type=cli.positive_float, help='length of the schedule in epochs (may be fractional)')
     parser.add_argument('--time-budget', type=cli.positive_float, default=None,
-                        help='seconds of warm-up + training; sizes the schedule, overriding --epochs')
+                        help='seconds from the first warm-up step to the final test accuracy; sizes the schedule, '
+                             'overriding --epochs')
     parser.add_argument('--eval-every', type=cli.positive_float, default=1.0,
                         help='evaluate on the test set every this many epochs, and at the end (default: 1)')
     parser.add_argument('--seeds', type=cli.positive_int, default=1,
                         help='train this many models, seeds --seed, --seed+1, ..., and summarise (default: 1)')
-    parser.add_argument('--precision', choices=['bf16', 'fp16', 'fp32'], default='bf16',
-                        help='autocast dtype (fp16 on CUDA only; default: bf16)')
+    parser.add_argument('--precision', choices=['auto', 'bf16', 'fp16', 'fp32'],
+                        help='autocast dtype; auto: bf16 on GPUs and on CPUs with AVX-512 BF16 or AMX, else fp32 '
+                             '(fp16 on CUDA only; default: %(default)s)')
     parser.add_argument('--threads', type=cli.positive_int, default=None,
                         help='CPU threads per process (default: the available cores / processes on this machine)')
     parser.add_argument('--warmup-steps', type=cli.positive_int, default=6,
-                        help='untimed steps that warm up the kernels and measure the speed; undone (default: 6)')
+                        help='steps that warm up the kernels and measure the speed, then are undone (default: 6)')
     parser.add_argument('--holdout', action='store_true',
                         help="keep the lab's validation images out of training and report their accuracy too")
     parser.add_argument('--valid-size', type=cli.positive_int, default=5000,
                         help="the lab's validation split (default: 5000)")
     parser.add_argument('--limit', type=cli.positive_int, default=None, help='train on the first N images only (quick runs)')
+    parser.set_defaults(**RECIPE)
     return parser
 
 
 def parse_args(argv=None):
     """Parses twice: the preset fills the defaults that the explicit options did not set."""
     parser = make_parser()
-    preset = parser.parse_args(argv).preset
-    parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
-    try:
-        args.widths = tuple(int(w) for w in args.widths.split(','))
-    except ValueError:
-        parser.error(f"--widths: expected three integers like 64,128,256, got {args.widths!r}")
-    if len(args.widths) != 3 or min(args.widths) <= 0:
-        parser.error(f"--widths: expected three positive integers, got {args.widths}")
-    return args
+    parser.set_defaults(**PRESETS[parser.parse_args(argv).preset])
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- model
@@ -155,7 +202,7 @@ class FastNet(nn.Module):
 
     def __init__(self, widths=(64, 128, 256), num_classes=10, logit_scale=1 / 8):
         super().__init__()
-        self.whiten = nn.Conv2d(3, 24, kernel_size=2)  # weights set by init_whitening and frozen
+        self.whiten = nn.Conv2d(3, 24, kernel_size=2)  # weights set by init_whitening and frozen; bias trained
         self.whiten.weight.requires_grad_(False)
         self.blocks = nn.Sequential(ConvBlock(24, widths[0]), ConvBlock(widths[0], widths[1]),
                                     ConvBlock(widths[1], widths[2]))
@@ -225,7 +272,25 @@ class TTAModel(nn.Module):
             return torch.stack([self.model(view).float() for view in views]).mean(dim=0)
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- optimisation
+
+def make_optimizers(model, args):
+    """The optimizers of `model`'s trainable parameters: Nesterov SGD for all of them, or with --optimizer
+    muon, Muon for the conv filter banks (4-D) and SGD for the rest (whitening bias, BN, linear head).
+    SGD's weight decay applies to its matrices only. Every param group keeps its peak lr in 'peak_lr'."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    filters = [p for p in trainable if p.ndim == 4 and args.optimizer == 'muon']
+    rest = [p for p in trainable if p.ndim < 4 or args.optimizer == 'sgd']
+    optimizers = [torch.optim.SGD([{'params': [p for p in rest if p.ndim > 1], 'weight_decay': args.weight_decay},
+                                   {'params': [p for p in rest if p.ndim <= 1], 'weight_decay': 0.0}],
+                                  lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)]
+    if filters:
+        optimizers.append(muon.Muon(filters, lr=args.muon_lr, momentum=args.muon_momentum))
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group['peak_lr'] = group['lr']
+    return optimizers
+
 
 def one_cycle(progress, warmup):
     """Learning-rate multiplier at `progress` (0 at the start, 1 at the end of training): linear from 0.1
@@ -235,38 +300,118 @@ def one_cycle(progress, warmup):
     return max(0.0, (1 - progress) / (1 - warmup))
 
 
-class Distributed:
-    """This process's place among the torchrun processes (world 1 without torchrun)."""
+def set_lr(optimizers, multiplier):
+    """Every param group's learning rate becomes its peak learning rate times `multiplier`."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group['lr'] = group['peak_lr'] * multiplier
 
-    def __init__(self, device):
-        self.world = int(os.environ.get('WORLD_SIZE', 1))
-        self.rank = int(os.environ.get('RANK', 0))
-        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        self.local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-        self.device = device
-        if device.type == 'cuda':  # one GPU per process, chosen before NCCL starts
-            self.device = torch.device('cuda', self.local_rank)
-            torch.cuda.set_device(self.device)
-        if self.world > 1:
-            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
 
-    @property
-    def main(self):
-        return self.rank == 0
+def cpu_computes_bf16():
+    """True on CPUs with bfloat16 arithmetic (the avx512_bf16 or amx_bf16 flag of /proc/cpuinfo)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
-    def average_(self, tensors):
-        for t in tensors:
-            if self.world > 1 and t.is_floating_point():
-                dist.all_reduce(t)
-                t /= self.world
 
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
+def autocast_for(device, precision):
+    """A function that returns the autocast context of --precision on `device` (a no-op for fp32)."""
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[precision]
+    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
 
+
+def make_train_step(model, optimizers, autocast, precision, label_smoothing):
+    """One optimisation step as a function: step(x (N, 3, 32, 32), y (N,)) -> the detached mean loss.
+    The caller sets the learning rates; fp16 scales the loss against underflow (GradScaler)."""
+    scaler = torch.amp.GradScaler(enabled=precision == 'fp16')
+
+    def step(x, y):
+        with autocast():
+            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y,
+                                   label_smoothing=label_smoothing)
+        model.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+    return step
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, max_decay):
+    """Every EMA_EVERY steps, ema <- decay * ema + (1 - decay) * model for the float tensors (weights, BN
+    statistics), with decay = min(max_decay, (1 + step) / (10 + step)) ** EMA_EVERY: lower at first, so
+    that the average soon forgets the random initial weights. Integer buffers (BN's counter) are copied."""
+    if step % EMA_EVERY:
+        return
+    decay = min(max_decay, (1 + step) / (10 + step)) ** EMA_EVERY
+    for average, current in zip(ema.state_dict().values(), model.state_dict().values()):
+        if average.is_floating_point():
+            average.lerp_(current, 1 - decay)
+        else:
+            average.copy_(current)
+
+
+def shuffled_batches(num_images, local_batch, ranks, seed, device):
+    """Endless index mini-batches (local_batch,) of this process: every epoch a new permutation of the
+    training set, the same on every process (drawn from `seed`), cut into disjoint shards of equal size,
+    one per process; the last batch of an epoch may be smaller."""
+    generator = torch.Generator().manual_seed(seed)
+    shard = num_images // ranks.world
+    while True:
+        order = torch.randperm(num_images, generator=generator).to(device)
+        mine = order[ranks.rank:shard * ranks.world:ranks.world]
+        for start in range(0, shard, local_batch):
+            yield mine[start:start + local_batch]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(evaluated, dataset, holdout):
+    """Test scores of `evaluated` (metrics.evaluate's dict), and with --holdout its validation accuracy."""
+    test = metrics.evaluate(evaluated, dataset['test_x'], dataset['test_y'])
+    if holdout:
+        test['valid_acc'] = metrics.evaluate(evaluated, dataset['valid_x'], dataset['valid_y'])['accuracy']
+    return test
+
+
+class History:
+    """The evaluations of one run along the way: lists of step, epoch, training seconds, SGD learning rate,
+    mean training loss since the previous evaluation, test loss and accuracy, and validation accuracy."""
+
+    def __init__(self, seed, steps_per_epoch, data_name):
+        self.seed, self.steps_per_epoch, self.data_name = seed, steps_per_epoch, data_name
+        self.points = {key: [] for key in ('step', 'epoch', 'seconds', 'lr', 'train_loss', 'test_loss', 'test_acc',
+                                           'valid_acc')}
+
+    def add(self, step, seconds, lr, losses, test):
+        """Appends one evaluation (`losses`: the step losses since the previous one) and prints it; a
+        non-finite training loss stops the run."""
+        train_loss = float(torch.stack(losses).float().mean()) if losses else float('nan')
+        point = {'step': step, 'epoch': step / self.steps_per_epoch, 'seconds': seconds, 'lr': lr,
+                 'train_loss': train_loss, 'test_loss': test['loss'], 'test_acc': test['accuracy']}
+        if 'valid_acc' in test:
+            point['valid_acc'] = test['valid_acc']
+        for key, value in point.items():
+            self.points[key].append(value)
+        tqdm.write(f"seed {self.seed} epoch {point['epoch']:5.2f} | {seconds:7.1f} s | train loss {train_loss:.4f} | "
+                   f"test loss {test['loss']:.4f} acc {test['accuracy']:.2%} ({self.data_name})")
+        if losses and not math.isfinite(train_loss):
+            raise cli.UserError(f"training diverged (loss {train_loss}); lower --lr or --muon-lr")
+
+    def seconds_to(self, target):
+        """Training seconds of the first evaluation with a test accuracy >= target (None if none)."""
+        return next((s for s, a in zip(self.points['seconds'], self.points['test_acc']) if a >= target), None)
+
+
+# ----------------------------------------------------------------------------- time budget
 
 class Clock:
-    """Seconds of training only: stop() during evaluations; CUDA work is waited for before every reading."""
+    """Seconds of training only: paused during evaluations; CUDA work is waited for before every reading."""
 
     def __init__(self, device):
         self.device, self.total, self.started = device, 0.0, None
@@ -286,6 +431,187 @@ class Clock:
     def seconds(self):
         return self.total + (self._now() - self.started if self.started is not None else 0.0)
 
+    @contextlib.contextmanager
+    def paused(self):
+        self.stop()
+        yield
+        self.start()
+
+
+def warm_up(train_step, model, optimizers, evaluated, dataset, local_batch, args, device):
+    """Times `args.warmup_steps` training steps on the first training batch at a tenth of the peak learning
+    rates, then undoes them; they also warm up the kernels. Then times the inference of `evaluated` on 500
+    test images, twice (the first pays one-time setup), for an estimate of the final evaluation's seconds.
+    Returns warmup_seconds (all of it), seconds_per_step and final_eval_seconds (the estimate)."""
+    saved = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
+    x, y = dataset['train_x'][:local_batch], dataset['train_y'][:local_batch]
+    generator = torch.Generator(device=device).manual_seed(0)  # the steps are undone: any seed will do
+    clock, step_seconds = Clock(device), []
+    clock.start()
+    set_lr(optimizers, 0.1)
+    for _ in range(args.warmup_steps):
+        started = clock.seconds()
+        train_step(augment(x, generator, args.translate), y).item()
+        step_seconds.append(clock.seconds() - started)
+    probe = dataset['test_x'][:500]
+    for _ in range(2):
+        started = clock.seconds()
+        metrics.predict_logits(evaluated, probe)
+    eval_images = len(dataset['test_x']) + len(dataset.get('valid_x', ()))  # --holdout: the validation set too
+    final_eval_seconds = (clock.seconds() - started) * eval_images / len(probe)
+    clock.stop()
+    model.load_state_dict(saved[0])
+    for optimizer, state in zip(optimizers, saved[1]):
+        optimizer.load_state_dict(state)
+    return {'warmup_seconds': clock.total, 'seconds_per_step': float(np.median(step_seconds[len(step_seconds) // 2:])),
+            'final_eval_seconds': final_eval_seconds}
+
+
+class Schedule:
+    """How far training is, from 0 at the first step to 1 when it must stop: steps done / total steps, or
+    under --time-budget, (training clock + one step) / training seconds, process 0's clock deciding for all.
+
+    On a machine shared with other work the speed changes, and a step count fixed from the warm-up would
+    overrun the budget, so a budgeted schedule follows the clock; the price is that the number of steps,
+    hence the result, depends on the speed (it is recorded). total_steps is then an estimate."""
+
+    def __init__(self, args, steps_per_epoch, speed, clock, ranks):
+        self.clock, self.ranks, self.seconds_per_step = clock, ranks, speed['seconds_per_step']
+        self.seconds = None
+        if args.time_budget:
+            self.seconds = args.time_budget - speed['warmup_seconds'] - speed['final_eval_seconds']
+            if self.seconds <= 0:
+                raise cli.UserError(f"--time-budget {args.time_budget:g} s is used up by the warm-up "
+                                    f"({speed['warmup_seconds']:.1f} s) and the final evaluation "
+                                    f"(~{speed['final_eval_seconds']:.1f} s)")
+            self.total_steps = max(1, int(self.seconds / self.seconds_per_step))
+        else:
+            self.total_steps = max(1, round(args.epochs * steps_per_epoch))
+
+    def progress(self, step):
+        if self.seconds is None:
+            return step / self.total_steps
+        done = torch.tensor([(self.clock.seconds() + self.seconds_per_step) / self.seconds], dtype=torch.float64)
+        self.ranks.broadcast_([done])
+        return min(1.0, done.item())
+
+
+def make_model(args, dataset, device, ranks):
+    """FastNet with its whitening from the first 5000 training images, the same on every process."""
+    model = FastNet(args.widths, len(dataset['class_names']))
+    model.init_whitening(dataset['train_x'][:5000].cpu())  # same images, same arithmetic on every process
+    model = model.to(device, memory_format=torch.channels_last)
+    ranks.broadcast_(model.state_dict().values())  # bit-identical starting weights
+    return model
+
+
+def state_sha256(state):
+    """Fingerprint of a state_dict: equal on every process iff the weights are bit-identical."""
+    digest = hashlib.sha256()
+    for name, value in state.items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weight_fingerprints(model, ema, ranks):
+    """[{model_sha256, ema_sha256}] of every process (process 0's list; None elsewhere), BN statistics
+    averaged first: equal entries mean the processes ended with bit-identical weights."""
+    ranks.average_(model.buffers())
+    return ranks.gather_objects({'model_sha256': state_sha256(model.state_dict()),
+                                 'ema_sha256': state_sha256(ema.state_dict())})
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args, dataset, seed, device, ranks):
+    """Trains one model with `seed`; returns its results (on process 0; None on the others)."""
+    cli.seed_everything(seed)
+    load_at_start = os.getloadavg()  # other work on the machine slows training: say how much there was
+    train_x, train_y = dataset['train_x'], dataset['train_y']
+    autocast = autocast_for(device, args.precision)
+    model = make_model(args, dataset, device, ranks)
+    trained = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ranks.world > 1 else model
+    optimizers = make_optimizers(model, args)
+    train_step = make_train_step(trained, optimizers, autocast, args.precision, args.label_smoothing)
+    local_batch = args.batch_size // ranks.world
+    steps_per_epoch = math.ceil(len(train_x) // ranks.world / local_batch)
+    speed = warm_up(train_step, model, optimizers, TTAModel(model, args.tta, autocast), dataset, local_batch, args,
+                    device)
+    clock = Clock(device)
+    schedule = Schedule(args, steps_per_epoch, speed, clock, ranks)
+    ema = copy.deepcopy(model).eval() if args.ema > 0 else model
+    evaluated = TTAModel(ema, args.tta, autocast)
+    history = History(seed, steps_per_epoch, dataset['name'])
+    batches = shuffled_batches(len(train_x), local_batch, ranks, seed, device)
+    augment_generator = torch.Generator(device=device).manual_seed(seed * 1000 + ranks.rank)  # differs per process
+    eval_steps = max(1, round(args.eval_every * steps_per_epoch))
+    if ranks.main:
+        print(f"seed {seed}: warm-up {speed['warmup_seconds']:.1f} s ({speed['seconds_per_step']:.3f} s/step, final "
+              f"evaluation ~{speed['final_eval_seconds']:.1f} s); {'about ' if args.time_budget else ''}"
+              f"{schedule.total_steps} steps = {schedule.total_steps / steps_per_epoch:.2f} epochs")
+
+    def evaluate_now(step, losses):
+        """Evaluates the EMA model on process 0 (BN statistics averaged over the processes first)."""
+        ranks.average_(ema.buffers())  # the weights are identical on every process already
+        test = evaluate(evaluated, dataset, args.holdout) if ranks.main else None
+        if ranks.main:
+            history.add(step, clock.seconds(), optimizers[0].param_groups[0]['lr'], losses, test)
+        losses.clear()
+        ranks.barrier()
+        return test
+
+    # the training loop; under a time budget the bar counts training seconds, else steps
+    progress_bar = tqdm(total=round(schedule.seconds) if args.time_budget else schedule.total_steps,
+                        unit='s' if args.time_budget else 'it', desc=f"seed {seed}", disable=not ranks.main, leave=False)
+    step, losses = 0, []
+    clock.start()
+    while (progress := schedule.progress(step)) < 1:
+        indices = next(batches)
+        x, y = augment(train_x[indices], augment_generator, args.translate), train_y[indices]
+        set_lr(optimizers, one_cycle(progress, args.warmup))
+        losses.append(train_step(x, y))
+        step += 1
+        if ema is not model:
+            update_ema(ema, model, step, args.ema)
+        progress_bar.update(round(clock.seconds()) - progress_bar.n if args.time_budget else 1)
+        if step % eval_steps == 0 and schedule.progress(step) < 1:
+            with clock.paused():
+                evaluate_now(step, losses)
+    clock.stop()
+    progress_bar.close()
+    final_eval = Clock(device)  # the final evaluation is part of the budget
+    final_eval.start()
+    test = evaluate_now(step, losses)
+    final_eval.stop()
+
+    fingerprints = weight_fingerprints(model, ema, ranks)
+    if not ranks.main:
+        return None
+    return run_results(seed, history, test, speed, step, steps_per_epoch, args.batch_size, final_eval.total,
+                       load_at_start, fingerprints, ema)
+
+
+def run_results(seed, history, test, speed, steps, steps_per_epoch, batch_size, final_eval_seconds, load_at_start,
+                fingerprints, ema):
+    """The record of one trained model: speed, load, times to the TARGETS, history, test scores, weights."""
+    train_seconds = history.points['seconds'][-1]
+    return {'seed': seed, 'load_average_at_start': load_at_start, 'load_average_at_end': os.getloadavg(),
+            'steps': steps, 'epochs': steps / steps_per_epoch, 'steps_per_epoch': steps_per_epoch,
+            'warmup_seconds': speed['warmup_seconds'], 'warmup_seconds_per_step': speed['seconds_per_step'],
+            'train_seconds': train_seconds, 'final_eval_seconds': final_eval_seconds,
+            'estimated_final_eval_seconds': speed['final_eval_seconds'],
+            'budget_seconds': speed['warmup_seconds'] + train_seconds + final_eval_seconds,
+            'images_per_second': steps * batch_size / train_seconds,
+            'seconds_to_accuracy': {f'{t:.0%}': history.seconds_to(t) for t in TARGETS},
+            'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+            'test_macro_precision': test['macro_precision'], 'test_macro_recall': test['macro_recall'],
+            'test_confusion': test['confusion'], 'history': history.points,
+            'weights_sha256_per_process': fingerprints,
+            'state_dict': {name: value.cpu() for name, value in ema.state_dict().items()}}
+
+
+# ----------------------------------------------------------------------------- runs and seeds
 
 def load_data(args, device):
     prepared = data.prepare_cifar10(args.data_dir, valid_size=args.valid_size)
@@ -304,200 +630,6 @@ def load_data(args, device):
     return dataset
 
 
-def state_sha256(state):
-    """Fingerprint of a state_dict: equal on every process iff the weights are bit-identical."""
-    digest = hashlib.sha256()
-    for name, value in state.items():
-        digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def train(args, dataset, seed, device, ranks):
-    """Trains one model with `seed`; returns its results (on every process; only process 0 evaluates)."""
-    cli.seed_everything(seed)
-    load_at_start = os.getloadavg()  # other work on the machine slows training: say how much there was
-    train_x, train_y = dataset['train_x'], dataset['train_y']
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[args.precision]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    model = FastNet(args.widths, len(dataset['class_names']))
-    model.init_whitening(train_x[:5000].cpu())  # the same on every process: same images, same arithmetic
-    model = model.to(device, memory_format=torch.channels_last)
-    if ranks.world > 1:
-        for tensor in model.state_dict().values():  # bit-identical starting weights on every process
-            dist.broadcast(tensor, 0)
-    trained = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ranks.world > 1 else model
-    decay, no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1], \
-                      [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    optimizer = torch.optim.SGD([{'params': decay, 'weight_decay': args.weight_decay},
-                                 {'params': no_decay, 'weight_decay': 0.0}],  # BN shifts and scales
-                                lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
-    scaler = torch.amp.GradScaler(enabled=args.precision == 'fp16')
-    local_batch = args.batch_size // ranks.world
-    shard = len(train_x) // ranks.world  # every process takes the same number of images per epoch
-    steps_per_epoch = math.ceil(shard / local_batch)
-
-    def step(x, y, lr):
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        with autocast():
-            loss = F.cross_entropy(trained(x.contiguous(memory_format=torch.channels_last)), y,
-                                   label_smoothing=args.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.detach()
-
-    # warm-up: a few steps on the first batch time the speed and warm up the kernels; then undone
-    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    x0, y0 = train_x[:local_batch], train_y[:local_batch]
-    times, clock, generator = [], Clock(device), torch.Generator(device=device).manual_seed(seed)
-    for _ in range(args.warmup_steps):
-        clock.start()
-        step(augment(x0, generator, args.translate), y0, args.lr * 0.1).item()
-        clock.stop()
-        times.append(clock.total - sum(times))
-    warmup_seconds = clock.total
-    model.load_state_dict(saved[0])
-    optimizer.load_state_dict(saved[1])
-    seconds_per_step = float(np.median(times[len(times) // 2:]))  # the first calls pay one-time setup
-    if args.time_budget:
-        # The schedule follows the training clock, not the step count: on a machine shared with other
-        # work the speed changes, and a step count fixed from the warm-up would overrun the budget.
-        # The price: the number of steps, hence the result, depends on the speed (it is recorded).
-        seconds = args.time_budget - warmup_seconds
-        if seconds <= 0:
-            raise cli.UserError(f"--time-budget {args.time_budget:g} s is used up by the warm-up ({warmup_seconds:.1f} s)")
-        total_steps = max(1, int(seconds / seconds_per_step))  # an estimate, for the progress bar
-    else:
-        total_steps = max(1, round(args.epochs * steps_per_epoch))
-
-    def progress_now():
-        if not args.time_budget:
-            return step_count / total_steps
-        # the next step must end within the budget; process 0's clock decides for all processes
-        done = torch.tensor([(clock.seconds() + seconds_per_step) / seconds], dtype=torch.float64)
-        if ranks.world > 1:
-            dist.broadcast(done, 0)
-        return min(1.0, done.item())
-    eval_steps = max(1, round(args.eval_every * steps_per_epoch))
-
-    ema = copy.deepcopy(model).eval() if args.ema > 0 else model
-    augment_generator = torch.Generator(device=device).manual_seed(seed * 1000 + ranks.rank)  # differs per process
-    order_generator = torch.Generator().manual_seed(seed)  # the same permutation on every process
-    evaluated = TTAModel(ema, args.tta, autocast)
-    history = {key: [] for key in ('step', 'epoch', 'seconds', 'lr', 'train_loss', 'test_loss', 'test_acc',
-                                   'valid_acc')}
-    losses, clock = [], Clock(device)
-    if ranks.main:
-        print(f"seed {seed}: warm-up {warmup_seconds:.1f} s ({seconds_per_step:.3f} s/step); "
-              f"{'about ' if args.time_budget else ''}{total_steps} steps = {total_steps / steps_per_epoch:.2f} "
-              f"epochs of {shard * ranks.world} images")
-
-    def evaluate(step_count):
-        clock.stop()
-        ranks.average_(ema.buffers())  # BN statistics of all processes; the weights are identical already
-        if ranks.main:
-            test = metrics.evaluate(evaluated, dataset['test_x'], dataset['test_y'])
-            history['step'].append(step_count)
-            history['epoch'].append(step_count / steps_per_epoch)
-            history['seconds'].append(clock.seconds())
-            history['lr'].append(lr)
-            history['train_loss'].append(float(torch.stack(losses).float().mean()) if losses else float('nan'))
-            history['test_loss'].append(test['loss'])
-            history['test_acc'].append(test['accuracy'])
-            if args.holdout:
-                history['valid_acc'].append(metrics.evaluate(evaluated, dataset['valid_x'], dataset['valid_y'])['accuracy'])
-            tqdm.write(f"seed {seed} epoch {step_count / steps_per_epoch:5.2f} | {clock.seconds():7.1f} s | "
-                       f"train loss {history['train_loss'][-1]:.4f} | test loss {test['loss']:.4f} "
-                       f"acc {test['accuracy']:.2%} ({dataset['name']})")
-            losses.clear()
-        ranks.barrier()
-        clock.start()
-        return test if ranks.main else None
-
-    # under a time budget the bar counts training seconds: the number of steps is not known in advance
-    progress = tqdm(total=round(seconds) if args.time_budget else total_steps, unit='s' if args.time_budget else 'it',
-                    desc=f"seed {seed}", disable=not ranks.main, leave=False)
-    step_count, lr = 0, args.lr
-    clock.start()
-    while progress_now() < 1:
-        order = torch.randperm(len(train_x), generator=order_generator).to(device)
-        mine = order[ranks.rank:shard * ranks.world:ranks.world]  # disjoint shards of equal size
-        for i in range(0, shard, local_batch):
-            progress_fraction = progress_now()
-            if progress_fraction >= 1:
-                break
-            idx = mine[i:i + local_batch]
-            x = augment(train_x[idx], augment_generator, args.translate)
-            lr = args.lr * one_cycle(progress_fraction, args.warmup)
-            losses.append(step(x, train_y[idx], lr))
-            step_count += 1
-            if ema is not model and step_count % 5 == 0:
-                # decay ** 5 every 5 steps: the same average at a fifth of the cost; the decay is lower at
-                # first, so that the average soon forgets the random initial weights
-                decay = min(args.ema, (1 + step_count) / (10 + step_count)) ** 5
-                with torch.no_grad():
-                    for average, current in zip(ema.state_dict().values(), model.state_dict().values()):
-                        if average.is_floating_point():
-                            average.lerp_(current, 1 - decay)
-                        else:
-                            average.copy_(current)
-            progress.update(round(clock.seconds()) - progress.n if args.time_budget else 1)
-            if step_count % eval_steps == 0 and progress_now() < 1:
-                evaluate(step_count)
-                if ranks.main and not np.isfinite(history['train_loss'][-1]):
-                    raise cli.UserError(f"training diverged (loss {history['train_loss'][-1]}); lower --lr")
-    test = evaluate(step_count)
-    clock.stop()
-    progress.close()
-
-    ranks.average_(model.buffers())
-    weights = {'model_sha256': state_sha256(model.state_dict()), 'ema_sha256': state_sha256(ema.state_dict())}
-    if ranks.world > 1:
-        gathered = [None] * ranks.world
-        dist.all_gather_object(gathered, weights)
-        weights = gathered
-    if not ranks.main:
-        return None
-    reached = {f'{t:.0%}': next((s for s, a in zip(history['seconds'], history['test_acc']) if a >= t), None)
-               for t in TARGETS}
-    return {'seed': seed, 'load_average_at_start': load_at_start, 'load_average_at_end': os.getloadavg(),
-            'steps': step_count, 'epochs': step_count / steps_per_epoch,
-            'steps_per_epoch': steps_per_epoch, 'warmup_seconds': warmup_seconds,
-            'warmup_seconds_per_step': seconds_per_step, 'train_seconds': history['seconds'][-1],
-            'images_per_second': step_count * local_batch * ranks.world / history['seconds'][-1],
-            'seconds_to_accuracy': reached, 'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-            'test_macro_precision': test['macro_precision'], 'test_macro_recall': test['macro_recall'],
-            'test_confusion': test['confusion'], 'history': history,
-            'weights_sha256_per_process': weights if ranks.world > 1 else [weights],
-            'state_dict': {name: value.cpu() for name, value in ema.state_dict().items()}}
-
-
-def plot_time_to_accuracy(path, runs, title=None):
-    """runs: {label: history with seconds, test_acc, train_loss} -> test accuracy and training loss vs seconds."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, history in runs.items():
-        ax_acc.plot(history['seconds'], history['test_acc'], marker='o', label=label)
-        ax_loss.plot(history['seconds'], history['train_loss'], marker='o', label=label)
-    for target in TARGETS:
-        ax_acc.axhline(target, color='grey', linewidth=0.8, linestyle=':')
-    ax_acc.set(title='Test accuracy', xlabel='training seconds (evaluation excluded)', ylabel='accuracy')
-    ax_loss.set(title='Training loss (label-smoothed, mean since last point)', xlabel='training seconds')
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def summarise(runs):
     accuracy = np.array([run['test_accuracy'] for run in runs])
     summary = {'seeds': [run['seed'] for run in runs], 'test_accuracy_mean': accuracy.mean(),
@@ -513,24 +645,34 @@ def summarise(runs):
     return summary
 
 
+def print_run(run, data_name):
+    print(f"seed {run['seed']}: test accuracy {run['test_accuracy']:.2%} ({data_name}) after "
+          f"{run['train_seconds']:.1f} s of training ({run['epochs']:.2f} epochs, {run['images_per_second']:.0f} img/s; "
+          f"{run['budget_seconds']:.1f} s with warm-up and final evaluation; load average "
+          f"{run['load_average_at_start'][0]:.2f} -> {run['load_average_at_end'][0]:.2f}); seconds to "
+          + ', '.join(f"{k}: {'-' if v is None else f'{v:.1f}'}" for k, v in run['seconds_to_accuracy'].items()))
+
+
 def main():
     args = parse_args()
     device = cli.torch_device(args.device)
+    if args.precision == 'auto':
+        args.precision = 'bf16' if device.type == 'cuda' or cpu_computes_bf16() else 'fp32'
     if args.precision == 'fp16' and device.type != 'cuda':
         raise cli.UserError("--precision fp16 needs --device cuda; on the CPU use bf16 or fp32")
-    ranks = Distributed(device)
+    ranks = distributed.Distributed(device)
     device = ranks.device
     if args.batch_size % ranks.world:
         raise cli.UserError(f"--batch-size {args.batch_size} is not divisible by the {ranks.world} processes")
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
     torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // ranks.local_world))
-    run_dir = cli.make_run_dir(args.save_dir, args.run_name, 'train_cifar_fast', args.overwrite) if ranks.main else None
     load_at_start = os.getloadavg()
     dataset = load_data(args, device)
+    run_dir = cli.make_run_dir(args.save_dir, args.run_name, 'train_cifar_fast', args.overwrite) if ranks.main else None
     if ranks.main:
         print(f"{dataset['name']}: training on {len(dataset['train_x'])} images, testing on {len(dataset['test_x'])}; "
-              f"{ranks.world} process(es), {torch.get_num_threads()} thread(s) each, {device}, {args.precision}; "
-              f"load average {load_at_start[0]:.2f}")
+              f"{ranks.world} process(es), {torch.get_num_threads()} thread(s) each, {device}, {args.precision}, "
+              f"{args.optimizer}; load average {load_at_start[0]:.2f}")
     config = vars(args) | {'world_size': ranks.world, 'threads_per_process': torch.get_num_threads(),
                            'device': str(device), 'torch': torch.__version__}
     results = {'script': 'train_cifar_fast.py', 'config': config, 'data': dataset['name'],
@@ -538,26 +680,22 @@ def main():
     for seed in range(args.seed, args.seed + args.seeds):
         run = train(args, dataset, seed, device, ranks)
         if ranks.main:
-            torch.save(run.pop('state_dict'), os.path.join(run_dir, f'model_seed{seed}.pt'))
+            checkpoint.save_torch(os.path.join(run_dir, f'model_seed{seed}.pt'), run.pop('state_dict'))
             results['runs'].append(run)
             results['summary'] = summarise(results['runs'])
             results['load_average_at_end'] = os.getloadavg()
             cli.write_json(os.path.join(run_dir, 'results.json'), results)
             plot_time_to_accuracy(os.path.join(run_dir, 'time_to_accuracy.png'),
-                                  {f"seed {r['seed']}": r['history'] for r in results['runs']},
-                                  title=f"{dataset['name']}: FastNet {'/'.join(map(str, args.widths))}, {device.type}")
-            print(f"seed {seed}: test accuracy {run['test_accuracy']:.2%} ({dataset['name']}) after "
-                  f"{run['train_seconds']:.1f} s of training ({run['epochs']:.2f} epochs, "
-                  f"{run['images_per_second']:.0f} img/s, load average {run['load_average_at_start'][0]:.2f} -> "
-                  f"{run['load_average_at_end'][0]:.2f}); seconds to "
-                  + ', '.join(f"{k}: {'-' if v is None else f'{v:.1f}'}" for k, v in run['seconds_to_accuracy'].items()))
+                                  {f"seed {r['seed']}": r['history'] for r in results['runs']}, TARGETS,
+                                  title=f"{dataset['name']}: FastNet {'/'.join(map(str, args.widths))}, "
+                                        f"{args.optimizer}, {device.type}")
+            print_run(run, dataset['name'])
     if ranks.main:
         s = results['summary']
         print(f"{dataset['name']}: test accuracy {s['test_accuracy_mean']:.2%} +- {s['test_accuracy_std']:.2%} "
               f"over {len(s['seeds'])} seed(s); load average {load_at_start[0]:.2f} at start, "
               f"{results['load_average_at_end'][0]:.2f} at end; wrote {run_dir}")
-    if ranks.world > 1:
-        dist.destroy_process_group()
+    ranks.close()
 
 
 if __name__ == '__main__':

@@ -1,5 +1,5 @@
 """Hostile runs: what diverging weights, bad flags, a tampered checkpoint, a second run, a full disk or a
-memory bomb can do to the training scripts.
+memory bomb can do to the training scripts, and a broken torchrun environment to train_cifar_fast.py.
 
 Each case must end the way README.md promises: one line on stderr naming the problem, exit code 2, no
 traceback, and nothing left behind: no run folder when the problem is found before the work starts, and
@@ -19,6 +19,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -668,3 +669,57 @@ def test_a_checkpoint_claiming_a_huge_array_allocates_nothing(finished_runs, tmp
     assert_refused(result.returncode, result.stderr, message)
     assert result.stderr.startswith(f'error: {path}: ')
     assert contents(run_dir) == before
+
+
+# ----------------------------------------------------------------------------- 6. torchrun's environment
+
+FAST = ['--device', 'cpu', '--widths', '8,16,16', '--batch-size', '16', '--valid-size', '20', '--limit', '20',
+        '--epochs', '1', '--threads', '1']
+
+
+def fast_run(data_dir, save_dir, environment, **options):
+    """train_cifar_fast.py as torchrun's process would be started, with `environment` in place of torchrun's."""
+    env = {name: value for name, value in os.environ.items() if name not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK',
+                                                                           'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
+                                                                           'MASTER_PORT')}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_cifar_fast.py'), '--data-dir', data_dir,
+                             '--save-dir', str(save_dir), *FAST], env={**env, **environment},
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, **options)
+
+
+@pytest.mark.parametrize('environment, message', [
+    ({'WORLD_SIZE': 'x'}, "WORLD_SIZE='x' is not an integer >= 1"),
+    ({'WORLD_SIZE': '0'}, "WORLD_SIZE='0' is not an integer >= 1"),
+    ({'WORLD_SIZE': '2', 'RANK': '-1'}, "RANK='-1' is not an integer >= 0"),
+    ({'WORLD_SIZE': '2', 'RANK': '2'}, 'RANK 2 / LOCAL_RANK 0 do not fit in WORLD_SIZE 2'),
+    ({'WORLD_SIZE': '2', 'RANK': '1', 'MASTER_PORT': '29500'}, 'environment variable MASTER_ADDR is not set'),
+    ({'WORLD_SIZE': '2', 'RANK': '1', 'MASTER_ADDR': 'localhost'}, 'environment variable MASTER_PORT is not set'),
+    ({'WORLD_SIZE': '2', 'RANK': '1', 'MASTER_ADDR': 'localhost', 'MASTER_PORT': 'http'},
+     "MASTER_PORT='http' is not an integer >= 1"),
+])
+def test_a_broken_torchrun_environment_is_one_line(data_dir, tmp_path, environment, message):
+    process = fast_run(data_dir, tmp_path, environment)
+    _, err = process.communicate(timeout=120)
+    assert_refused(process.returncode, err, message)
+    assert os.listdir(tmp_path) == []
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('rank', ['0', '1'])  # process 0 hosts the rendezvous, the others connect to it
+def test_sigterm_stops_a_process_waiting_for_its_peers(data_dir, tmp_path, rank):
+    """Alone in a world of two, the process waits for its peer, for 30 minutes by default; SIGTERM must stop
+    it at once, with one line and the exit code of SIGTERM."""
+    process = fast_run(data_dir, tmp_path, {'WORLD_SIZE': '2', 'RANK': rank, 'MASTER_ADDR': '127.0.0.1',
+                                            'MASTER_PORT': str(_free_port())})
+    time.sleep(8)  # importing torch and starting the rendezvous; the peer never comes
+    assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip() == 'interrupted', err
+    assert os.listdir(tmp_path) == []

@@ -1,21 +1,28 @@
-"""train_cifar_fast.py: tensor augmentation, whitening, schedule, an end-to-end run on synthetic data whose saved
-model reproduces the reported accuracy, bad input, and two torchrun processes that end with identical weights."""
+"""train_cifar_fast.py: tensor augmentation, whitening, schedule, time budget, EMA, sharding, end-to-end runs on
+synthetic data (SGD and Muon) whose saved model reproduces the reported accuracy, bad input, and two torchrun
+processes that end with identical weights; bench_cifar.py's speeds and plots."""
+import argparse
 import contextlib
+import copy
 import json
 import os
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
 import metrics
-from conftest import ROOT
-from train_cifar_fast import FastNet, TTAModel, augment, one_cycle, parse_args, shift, state_sha256
+from conftest import ROOT, truncate
+from distributed import Distributed
+from train_cifar_fast import (EMA_EVERY, Clock, FastNet, Schedule, TTAModel, augment, autocast_for,
+                              one_cycle, parse_args, shift, shuffled_batches, state_sha256, update_ema)
 
 SCRIPT = os.path.join(ROOT, 'train_cifar_fast.py')
 TINY = ['--device', 'cpu', '--widths', '8,16,16', '--batch-size', '16', '--valid-size', '50', '--tta', '1',
@@ -100,24 +107,78 @@ def test_one_cycle_schedule():
 
 
 def test_presets_fill_only_what_is_not_given():
-    args = parse_args(['--preset', 'gpu', '--lr', '0.3'])
+    args = parse_args(['--preset', 'gpu', '--lr', '0.3', '--optimizer', 'muon'])
     assert args.widths == (64, 256, 256) and args.batch_size == 1024 and args.lr == 0.3
-    assert parse_args([]).widths == (64, 128, 256)
+    assert args.optimizer == 'muon' and args.muon_lr > 0 and 0 < args.muon_momentum < 1
+    defaults = parse_args([])
+    assert defaults.widths == (64, 128, 256) and defaults.seed == 42 and defaults.label_smoothing == 0.2
+
+
+def _budget_schedule(budget, clock):
+    args = argparse.Namespace(time_budget=budget, epochs=None)
+    speed = {'warmup_seconds': 2.0, 'final_eval_seconds': 3.0, 'seconds_per_step': 1.0}
+    return Schedule(args, 100, speed, clock, Distributed(torch.device('cpu')))
+
+
+def test_time_budget_leaves_room_for_the_warm_up_and_the_final_evaluation():
+    clock = Clock(torch.device('cpu'))
+    schedule = _budget_schedule(15.0, clock)
+    assert schedule.seconds == 10.0 and schedule.total_steps == 10
+    clock.total = 8.5  # the next step (1 s) ends at 9.5 s of the 10 s left for training
+    assert schedule.progress(0) == pytest.approx(0.95)
+    clock.total = 9.5
+    assert schedule.progress(0) == 1.0
+    with pytest.raises(cli.UserError, match='used up'):
+        _budget_schedule(5.0, clock)
+
+
+def test_schedule_by_epochs_counts_steps():
+    args = argparse.Namespace(time_budget=None, epochs=2.5)
+    schedule = Schedule(args, 10, {'seconds_per_step': 1.0}, clock=None, ranks=None)
+    assert schedule.total_steps == 25 and schedule.progress(5) == 0.2
+
+
+def test_ema_moves_every_few_steps_towards_the_model():
+    model = torch.nn.BatchNorm1d(3)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.num_batches_tracked.fill_(7)
+    update_ema(ema, model, EMA_EVERY - 1, 0.98)
+    assert torch.equal(ema.weight, torch.ones(3))  # not an update step
+    update_ema(ema, model, EMA_EVERY, 0.98)
+    decay = min(0.98, (1 + EMA_EVERY) / (10 + EMA_EVERY)) ** EMA_EVERY
+    torch.testing.assert_close(ema.weight, torch.full((3,), decay * 1.0 + (1 - decay) * 2.0))
+    assert ema.num_batches_tracked.item() == 7
+
+
+def test_each_process_takes_a_disjoint_shard_of_every_epoch():
+    epochs = {rank: [] for rank in range(2)}
+    for rank in epochs:
+        batches = shuffled_batches(11, 2, types.SimpleNamespace(world=2, rank=rank), seed=0, device='cpu')
+        epochs[rank] = [torch.cat([next(batches) for _ in range(3)]) for _ in range(2)]  # 5 images: 2 + 2 + 1
+    for epoch in range(2):
+        shard0, shard1 = epochs[0][epoch], epochs[1][epoch]
+        assert len(shard0) == len(shard1) == 5
+        assert len(set(shard0.tolist()) | set(shard1.tolist())) == 10  # disjoint; one image left over
+    assert not torch.equal(epochs[0][0], epochs[0][1])  # a new permutation every epoch
 
 
 def _run(*args, launcher=()):
     return subprocess.run([sys.executable, *launcher, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT)
 
 
-def test_run_writes_results_and_its_model_reproduces_the_reported_accuracy(synthetic_cifar, tmp_path):
+@pytest.mark.parametrize('optimizer', ['sgd', 'muon'])
+def test_run_writes_results_and_its_model_reproduces_the_reported_accuracy(optimizer, synthetic_cifar, tmp_path):
     result = _run('--data-dir', synthetic_cifar, '--save-dir', str(tmp_path), '--run-name', 'r', '--epochs', '2',
-                  '--eval-every', '1', *TINY)
+                  '--eval-every', '1', '--optimizer', optimizer, *TINY)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / 'r'
     assert (run_dir / 'time_to_accuracy.png').stat().st_size > 0
     results = json.loads((run_dir / 'results.json').read_text())
     run = results['runs'][0]
     assert results['data'] == 'CIFAR-10 (JPEG stand-in)'  # not the published files
+    assert results['config']['optimizer'] == optimizer and np.isfinite(run['test_loss'])
     assert len(results['load_average_at_start']) == 3 and len(results['load_average_at_end']) == 3
     assert len(run['load_average_at_start']) == 3 and len(run['load_average_at_end']) == 3
     steps_per_epoch = 200 // 16 + 1  # 150 training + 50 validation images, trained on too
@@ -125,25 +186,42 @@ def test_run_writes_results_and_its_model_reproduces_the_reported_accuracy(synth
     assert run['history']['seconds'][0] < run['history']['seconds'][1] == run['train_seconds']
     assert set(run['seconds_to_accuracy']) == {'85%', '90%', '94%'}
     assert run['test_accuracy'] == run['history']['test_acc'][-1] == results['summary']['test_accuracy_mean']
+    assert run['budget_seconds'] == pytest.approx(run['warmup_seconds'] + run['train_seconds'] + run['final_eval_seconds'])
 
-    state = torch.load(run_dir / 'model_seed0.pt', weights_only=True)
+    state = torch.load(run_dir / 'model_seed42.pt', weights_only=True)
     assert state_sha256(state) == run['weights_sha256_per_process'][0]['ema_sha256']
     model = FastNet((8, 16, 16))
     model.load_state_dict(state)
     model.to(memory_format=torch.channels_last)  # the same kernels as in training, so the same bf16 rounding
     prepared = data.prepare_cifar10(synthetic_cifar, valid_size=50)
-    autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16)  # noqa: E731
-    scores = metrics.evaluate(TTAModel(model, 1, autocast), torch.from_numpy(prepared['test_x']),
+    scores = metrics.evaluate(TTAModel(model, 1, autocast_for(torch.device('cpu'), 'bf16')),
+                              torch.from_numpy(prepared['test_x']),
                               torch.from_numpy(prepared['test_y']))
     assert scores['accuracy'] == run['test_accuracy']
     np.testing.assert_array_equal(scores['confusion'], run['test_confusion'])
 
 
-@pytest.mark.parametrize('bad, message', [(['--widths', '8,16'], 'three'), (['--precision', 'fp16'], 'cuda'),
-                                          (['--batch-size', '0'], 'positive')])
-def test_bad_input_is_one_line(bad, message, tmp_path):
-    result = _run('--data-dir', str(tmp_path), '--save-dir', str(tmp_path), '--device', 'cpu', *bad)
-    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize('bad, message', [(['--widths', '8,16'], 'three'), (['--widths', 'a,b,c'], 'three'),
+                                          (['--widths', '8,16,0'], 'three'), (['--batch-size', '0'], 'positive'),
+                                          (['--label-smoothing', '1'], '[0, 1)'), (['--label-smoothing', '-0.1'], '>= 0'),
+                                          (['--ema', '1.5'], '[0, 1)'), (['--optimizer', 'adam'], 'invalid choice')])
+def test_bad_options_are_one_line_errors(bad, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(bad)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_fp16_on_the_cpu_is_a_one_line_error(tmp_path):
+    result = _run('--data-dir', str(tmp_path), '--save-dir', str(tmp_path), '--device', 'cpu', '--precision', 'fp16')
+    assert result.returncode == 2 and 'cuda' in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_no_run_folder_when_the_data_does_not_load(synthetic_cifar, tmp_path):
+    truncate(os.path.join(synthetic_cifar, 'cifar-10-batches-py', 'data_batch_3'), 100)
+    result = _run('--data-dir', synthetic_cifar, '--save-dir', str(tmp_path / 'runs'), '--run-name', 'r', *TINY)
+    assert result.returncode != 0 and 'data_batch_3' in result.stderr
+    assert not (tmp_path / 'runs' / 'r').exists()
 
 
 def _free_port():
@@ -163,7 +241,7 @@ def test_torchrun_two_processes_end_with_identical_weights(synthetic_cifar, tmp_
     rank0, rank1 = run['weights_sha256_per_process']
     assert rank0 == rank1  # trained weights, BN statistics and their EMA, bit for bit
     assert run['steps'] == 200 // 2 // 8 + 1  # each process: 100 images of its shard, 8 per step
-    state = torch.load(tmp_path / 'ddp' / 'model_seed0.pt', weights_only=True)
+    state = torch.load(tmp_path / 'ddp' / 'model_seed42.pt', weights_only=True)
     assert state_sha256(state) == rank0['ema_sha256']
 
 
@@ -176,14 +254,15 @@ def test_bench_prints_speeds_and_plots_given_runs(tmp_path):
         {'script': 'train_cifar_fast.py', 'data': 'CIFAR-10 (JPEG stand-in)', 'runs': [run], 'summary': {}}))
     bench = os.path.join(ROOT, 'bench_cifar.py')
     common = ['--device', 'cpu', '--widths', '8,8,8', '--batch-size', '16', '--images', '50', '--rounds', '1',
-              '--threads', '1', '--save-dir', str(tmp_path)]
+              '--precision', 'fp32', '--optimizer', 'sgd', 'muon', '--threads', '1', '--save-dir', str(tmp_path)]
     result = subprocess.run([sys.executable, bench, str(tmp_path / 'a'), *common, '--run-name', 'b'],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert 'lab ConvNet' in result.stdout and 'a seed 0: test accuracy 90.00% (CIFAR-10 (JPEG stand-in))' in result.stdout
     assert (tmp_path / 'b' / 'time_to_accuracy.png').stat().st_size > 0
     speeds = json.loads((tmp_path / 'b' / 'results.json').read_text())['speeds']
-    assert len(speeds) == 3 and all(s['images_per_second'] > 0 and s['training_gflops_per_image'] > 0
-                                    for s in speeds.values())
+    assert list(speeds) == ['lab ConvNet, batch 50, fp32, sgd', 'FastNet 8/8/8, batch 16, fp32, sgd',
+                            'FastNet 8/8/8, batch 16, fp32, muon']
+    assert all(s['images_per_second'] > 0 and s['training_gflops_per_image'] > 0 for s in speeds.values())
     missing = subprocess.run([sys.executable, bench, str(tmp_path / 'nothing'), *common], capture_output=True, text=True)
     assert missing.returncode == 2 and 'not a train_cifar_fast.py run' in missing.stderr
