@@ -327,14 +327,16 @@ def write_report(folder, done, quick):
 
 
 def publish(report, destination):
-    """Copies REPORT.md and every figure it shows into destination, keeping their relative paths."""
+    """Copies REPORT.md, every figure it shows and every step's output (<step>.log, which the report cites)
+    into destination, keeping their relative paths."""
     folder = os.path.dirname(report)
     text = open(report).read()
-    for figure_path in sorted(set(re.findall(r'!\[[^\]]*\]\(([^)]+)\)', text))):
-        os.makedirs(os.path.join(destination, os.path.dirname(figure_path)), exist_ok=True)
-        shutil.copyfile(os.path.join(folder, figure_path), os.path.join(destination, figure_path))
+    figures = sorted(set(re.findall(r'!\[[^\]]*\]\(([^)]+)\)', text)))
+    for path in figures + [f'{name}.log' for name, *_ in STEPS]:
+        os.makedirs(os.path.join(destination, os.path.dirname(path)), exist_ok=True)
+        shutil.copyfile(os.path.join(folder, path), os.path.join(destination, path))
     shutil.copyfile(report, os.path.join(destination, 'REPORT.md'))
-    print(f"copied the report and its figures to {destination}")
+    print(f"copied the report, its figures and the steps' output to {destination}")
 
 
 if __name__ == '__main__':

@@ -49,6 +49,8 @@ def test_the_report_answers_every_question_with_its_figures(lab_run):
     for path in figures:
         assert os.path.isfile(os.path.join(save_dir, path)), path
         assert os.path.isfile(os.path.join(root, 'published', path)), path  # --publish copies them
+    for name, *_ in lab.STEPS:  # and the steps' output, which the report cites (check_grads.log)
+        assert os.path.isfile(os.path.join(root, 'published', f'{name}.log')), name
     steps = json.load(open(os.path.join(save_dir, 'steps.json')))
     assert list(steps) == [name for name, *_ in lab.STEPS]
     assert all(step['returncode'] == 0 and step['seconds'] > 0 for step in steps.values())
