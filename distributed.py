@@ -49,9 +49,9 @@ def _join_process_group(backend, world):
     while joiner.is_alive():
         joiner.join(0.2)
     if failures:
-        first_line = str(failures[0]).strip().splitlines()[0] if str(failures[0]).strip() else type(failures[0]).__name__
+        reason = (str(failures[0]).strip() or type(failures[0]).__name__).splitlines()[0]
         raise cli.UserError(f"could not join the other {world - 1} process(es) at "
-                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {first_line}")
+                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}: {reason}")
 
 
 class Distributed:

@@ -78,8 +78,8 @@ RECIPE = dict(
 EMA_EVERY = 5  # steps between EMA updates (decay ** 5 each time: the same average at a fifth of the cost)
 TARGETS = (0.85, 0.90, 0.94)  # test accuracies whose first training second is reported
 
-# The presets fill the options not given. Speeds on 2 cores (AVX-512 BF16): widths 64/128/256 train ~810-870
-# img/s, airbench's 64/256/256 ~470-520 img/s, so 10 CPU minutes buy ~9.5 epochs of the former, ~5.6 of the latter.
+# The presets fill the options not given. Widths 64/128/256 train ~810-870 img/s on 2 cores with AVX-512 BF16
+# (bf16), but ~250 img/s on 2 AVX2 cores (fp32): 10 CPU minutes buy ~9.5 epochs there and ~2.6 here.
 # SGD: airbench94's lr 11.5, momentum 0.85 and weight decay 0.0153 (its units: a summed loss, steps scaled by
 # 1 + 1/(1 - momentum)) translated to a mean loss: lr 0.75 and weight decay 1.33e-3 at batch 512, the lr in
 # proportion to the batch. In a 5-minute run they gave 87.5% against 87.0% for lr 0.4, momentum 0.9, weight
@@ -90,9 +90,9 @@ TARGETS = (0.85, 0.90, 0.94)  # test accuracies whose first training second is r
 # shrinks): at batch 1000 that is lr 0.12 and momentum 0.72, where airbench measured 0.5x its lr and momentum
 # 0.7 as best; at batch 256, lr 0.03 and momentum 0.85. The parameters SGD trains alongside Muon (whitening
 # bias, BN, head) keep the SGD settings, their lr in proportion to the batch.
-# The CPU preset is the best of three 9-epoch runs (float32, seed 0, JPEG stand-in): Muon at batch 256 90.05%,
-# Muon at batch 512 (muon_lr 0.06, momentum 0.8) 89.82%; SGD at batch 512 was stopped early. Smaller batches
-# also give more steps when a time budget buys few epochs. The GPU preset is untried.
+# The CPU preset is the best measured (JPEG stand-in, fp32, one seed each): 9-epoch runs gave 90.05% for Muon
+# at batch 256 and 89.82% at batch 512 (muon_lr 0.06, momentum 0.8); 10-minute runs on 2 AVX2 cores gave
+# 85.64% for this preset and 84.60% for SGD at batch 512, the previous preset. The GPU preset is untried.
 PRESETS = {
     'cpu': dict(widths=(64, 128, 256), batch_size=256, optimizer='muon', lr=0.375, momentum=0.85,
                 weight_decay=1.33e-3, muon_lr=0.03, muon_momentum=0.85, epochs=10.0, tta=2),
