@@ -39,9 +39,8 @@ LAB = 'lab ConvNet, batch 50, fp32, sgd'
 
 def make_parser():
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(parser)
+    cli.add_flags(parser, 'save_dir', 'run_name', 'overwrite', 'seed', 'device')
     parser.add_argument('runs', nargs='*', help="train_cifar_fast.py run folders (or their results.json) to plot")
-    parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto', help='(default: auto)')
     parser.add_argument('--widths', type=widths, nargs='+', default=[(64, 128, 256)],
                         help="FastNet's widths, one or more (default: 64,128,256)")
     parser.add_argument('--batch-size', type=cli.positive_int, nargs='+', default=[512],

@@ -1,13 +1,27 @@
-"""Command-line plumbing shared by every script: arguments, one-line errors, seeds, run folders, JSON,
-atomic writes, progress bars, and stopping (Ctrl-C, SIGTERM) with a hint on how to resume."""
+"""Command-line plumbing shared by every script: flags, one-line errors, run folders, JSON and atomic
+writes, progress bars, and stopping on Ctrl-C or SIGTERM with a hint on how to go on.
+
+A training script's main() reads:
+
+    args = cli.parse_args(make_parser(), SCRIPT, argv)     # or, with --resume, the flags the run started with
+    data = load_data(args)                                  # before the folder: a bad file leaves nothing behind
+    with cli.run_folder(args, SCRIPT, argv) as run_dir:    # claimed, locked, config.json written
+        train_model(args, data, run_dir)
+
+and cli.run(main) turns a UserError into one line on stderr and exit code 2, and Ctrl-C / SIGTERM into
+one line with the resume hint and exit code 128 + the signal's number.
+"""
 import argparse
 import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 
@@ -25,6 +39,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+
+# ----------------------------------------------------------------------------- flags
 
 def positive_int(text):
     try:
@@ -61,7 +77,7 @@ def _float(text, accept, requirement):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not (accept(value) and np.isfinite(value)):
+    if not (accept(value) and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
     return value
 
@@ -74,21 +90,101 @@ def non_negative_float(text):
     return _float(text, lambda value: value >= 0, 'a number >= 0')
 
 
-def add_common_args(parser, resume=False):
-    """--data-dir, --save-dir, --run-name, --overwrite and --seed, the same in every script; --resume too for
-    scripts that write checkpoints and read their flags with parse_args."""
-    parser.add_argument('--data-dir', default=os.environ.get('DATA_DIR', 'data'),
-                        help='folder holding the data sets (default: $DATA_DIR, else ./data)')
-    parser.add_argument('--save-dir', default='runs', help='each run writes into <save-dir>/<run-name>/ (default: runs)')
-    parser.add_argument('--run-name', type=run_name, default=None,
-                        help="name of this run's folder (default: <script>-<date>-<time>)")
-    parser.add_argument('--overwrite', action='store_true', help='reuse an existing run folder of the same name')
-    parser.add_argument('--seed', type=seed_value, default=42, help='random seed (default: 42)')
-    if resume:
-        parser.add_argument('--resume', metavar='RUN_DIR', default=None,
-                            help='continue a stopped run from its last checkpoint, with the flags it was started '
-                                 'with (saved in RUN_DIR/config.json)')
+def lr_policy(text):
+    """'1:0.1,3:0.01' -> {1: 0.1, 3: 0.01}: each learning rate holds from its epoch until the next entry."""
+    policy = {}
+    try:
+        for item in text.split(','):
+            epoch, lr = item.split(':')
+            policy[int(epoch)] = float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not of the form 'epoch:lr,epoch:lr,...', e.g. 1:0.1,3:0.01")
+    if 1 not in policy:
+        raise argparse.ArgumentTypeError(f"{text!r} must give a learning rate for epoch 1")
+    if min(policy) < 1 or not all(lr > 0 and math.isfinite(lr) for lr in policy.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: epochs must be >= 1 and learning rates positive")
+    return dict(sorted(policy.items()))
 
+
+# The flags that several scripts share, defined once; a script names the ones it has (add_flags) and gives
+# its own defaults. A flag of one script alone is that script's own parser.add_argument.
+FLAGS = {
+    'data_dir': dict(default=os.environ.get('DATA_DIR', 'data'),
+                     help='folder holding the data sets (default: $DATA_DIR, else ./data)'),
+    'save_dir': dict(default='runs', help='each run writes into <save-dir>/<run-name>/ (default: %(default)s)'),
+    'run_name': dict(type=run_name, help="name of this run's folder (default: <script>-<date>-<time>)"),
+    'overwrite': dict(action='store_true', help='reuse an existing run folder of the same name'),
+    'resume': dict(metavar='RUN_DIR', help='continue a stopped run from its last checkpoint, with the flags it was '
+                                           'started with (saved in RUN_DIR/config.json)'),
+    'seed': dict(type=seed_value, default=42, help='random seed (default: %(default)s)'),
+    'device': dict(choices=['auto', 'cpu', 'cuda'], default='auto',
+                   help='auto: the GPU if there is one, else the CPU (default: %(default)s)'),
+    'epochs': dict(type=positive_int, help='training epochs (default: %(default)s)'),
+    'batch_size': dict(type=positive_int, help='mini-batch size (default: %(default)s)'),
+    'limit': dict(type=positive_int, help='train on the first N training images only (quick runs)'),
+    'valid_size': dict(type=positive_int, help='training images held out for validation (default: %(default)s)'),
+    'lr_policy': dict(type=lr_policy, help="SGD learning rate per epoch as 'epoch:lr,...' (default: %(default)s)"),
+    'lr': dict(type=positive_float, help='SGD learning rate of the first epoch (default: %(default)s)'),
+    'gamma': dict(type=positive_float, help='ExponentialLR: the learning rate is multiplied by this after every '
+                                            'epoch (default: %(default)s)'),
+    'weight_decay': dict(type=non_negative_float, help='L2 lambda on the weights, not the biases (default: '
+                                                       '%(default)s)'),
+    'padding': dict(type=int, choices=[0, 1, 2], help='zero padding of both 5x5 convolutions; 2 keeps 32x32 maps '
+                                                      '(default: %(default)s)'),
+    'dtype': dict(choices=['float32', 'float64'], default='float32', help='(default: %(default)s)'),
+    'no_shuffle': dict(action='store_true', help='the training images in their file order in every epoch, '
+                                                 'instead of a new random order each epoch'),
+    'layers': dict(choices=['textbook', 'fast'], default='textbook',
+                   help="textbook: layers.py, the lab's layers; fast: their twins in fast_layers.py, the same sums "
+                        "in another order, 2-3x faster (default: %(default)s)"),
+    'draw_every': dict(type=positive_int, default=100,
+                       help="draw conv1's filters every N steps, and after every epoch (default: %(default)s)"),
+}
+RUN_FLAGS = ('data_dir', 'save_dir', 'run_name', 'overwrite', 'resume', 'seed')  # every training script's
+
+
+def add_flags(parser, *names, **defaults):
+    """Adds the FLAGS named (by their dest, e.g. 'batch_size' for --batch-size), with the script's defaults."""
+    for name in names:
+        options = dict(FLAGS[name])
+        if name in defaults:  # argparse parses a string default as if it were given: '1:0.1,3:0.01' for lr_policy
+            options['default'] = defaults.pop(name)
+        parser.add_argument('--' + name.replace('_', '-'), **options)
+    if defaults:
+        raise TypeError(f"defaults for flags not added: {sorted(defaults)}")
+
+
+def explicit_flags(parser, argv):
+    """{dest: value} of the flags that argv gives, leaving out the defaults."""
+    saved = {action: action.default for action in parser._actions}
+    try:
+        for action in saved:
+            action.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for action, default in saved.items():
+            action.default = default
+
+
+def flag_name(parser, dest):
+    return next(action.option_strings[0] for action in parser._actions if action.dest == dest)
+
+
+def refuse_flags(parser, argv, mode, allowed):
+    """A UserError naming the first flag of argv, other than `allowed`, that does nothing in `mode` (e.g.
+    'with --summary-only'): no script accepts a flag that it would ignore."""
+    for dest in explicit_flags(parser, argv):
+        if dest not in allowed:
+            raise UserError(f"{flag_name(parser, dest)} does nothing {mode}; leave it out")
+
+
+def check_batch_size(batch_size, num_examples, where):
+    """A UserError if a batch is larger than the training examples (`where`: which ones, for the message)."""
+    if batch_size > num_examples:
+        raise UserError(f"--batch-size {batch_size} is larger than the {num_examples} training images {where}")
+
+
+# ----------------------------------------------------------------------------- --resume and run folders
 
 CONFIG = 'config.json'  # in every run folder: the script and its command line, what --resume reads
 
@@ -126,10 +222,10 @@ def parse_args(parser, script, argv=None):
     if config.get('script') != f'{script}.py':
         raise UserError(f"--resume {run_dir}: that is a run of {config.get('script')}, not of {script}.py")
     saved = parser.parse_args(config['argv'])
-    given = _explicit_flags(parser, argv)
+    given = explicit_flags(parser, argv)
     for dest, value in given.items():
         if dest not in ('resume', 'data_dir') and value != getattr(saved, dest):
-            flag = next(action.option_strings[0] for action in parser._actions if action.dest == dest)
+            flag = flag_name(parser, dest)
             raise UserError(f"--resume {run_dir}: {flag} {_show(value)} differs from the run's "
                             f"{_show(getattr(saved, dest))} (in {config_path}); leave {flag} out to resume, "
                             f"or start a new run")
@@ -148,38 +244,72 @@ def _check_save_dir(save_dir):
         raise UserError(f"--save-dir {save_dir}: {existing} is a file, not a folder")
 
 
-def _explicit_flags(parser, argv):
-    """{dest: value} of the flags argv gives, leaving out the defaults."""
-    defaults = {action: action.default for action in parser._actions}
-    try:
-        for action in defaults:
-            action.default = argparse.SUPPRESS
-        return vars(parser.parse_args(argv))
-    finally:
-        for action, default in defaults.items():
-            action.default = default
-
-
 def _show(value):
     if isinstance(value, dict):  # an lr policy
         return ','.join(f'{key}:{item:g}' for key, item in value.items())
     return 'on' if value is True else 'off' if value is False else str(value)
 
 
-def open_run_dir(args, script, argv=None):
-    """The run's folder: --resume's, or a new one (make_run_dir) with config.json, from which --resume restarts."""
-    if args.resume is not None:
-        return args.resume
-    run_dir = make_run_dir(args.save_dir, args.run_name, script, args.overwrite)
+@contextlib.contextmanager
+def run_folder(args, script, argv=None, resumable=True):
+    """The run's folder for the block: --resume's, or a new one (make_run_dir) with config.json, from which
+    --resume restarts. It is locked for the block (a second process on it is refused in one line; the OS
+    lets go of the lock when the process dies, however it dies).
+
+    resumable: from the moment the folder is claimed, the first Ctrl-C / SIGTERM only asks the run to stop
+    at its next step (Run.steps saves where it stands there), and the block ends in Interrupted with the
+    resume hint, also when the signal came after the last step. Otherwise a signal stops it at once.
+    A failed write (a full disk) becomes a UserError with the same hint.
+    """
+    global _deferring
+    _deferring += resumable
+    run_dir = None
     try:
-        write_json(os.path.join(run_dir, CONFIG), {'script': f'{script}.py',
-                                                   'argv': sys.argv[1:] if argv is None else list(argv),
-                                                   'args': vars(args)})
-    except BaseException:  # a full disk: a folder without config.json would only block its name
-        with contextlib.suppress(OSError):
-            os.rmdir(run_dir)  # only if empty: a folder reused with --overwrite keeps what it holds
-        raise
-    return run_dir
+        run_dir = args.resume if args.resume is not None else make_run_dir(args.save_dir, args.run_name, script,
+                                                                           args.overwrite)
+        with _locked(run_dir):
+            if args.resume is None:
+                try:
+                    write_json(os.path.join(run_dir, CONFIG), {'script': f'{script}.py', 'args': vars(args),
+                                                               'argv': sys.argv[1:] if argv is None else list(argv)})
+                except BaseException:  # a full disk: a folder without config.json would only block its name
+                    with contextlib.suppress(OSError):
+                        os.rmdir(run_dir)  # only if empty: a folder reused with --overwrite keeps what it holds
+                    run_dir = None
+                    raise
+            yield run_dir
+            if _pending_signal is not None:  # came after the last step: the work is done, but say so
+                stop()
+    except KeyboardInterrupt as interrupt:
+        if run_dir is None:
+            raise
+        hint = (f"the last checkpoint is in {run_dir}; continue with: python {script}.py --resume {run_dir}"
+                if resumable else f"what it wrote is in {run_dir}")
+        raise Interrupted(f"stopped by {signal.Signals(_signal_of(interrupt)).name}; {hint}",
+                          _signal_of(interrupt)) from None
+    except OSError as error:
+        if run_dir is None or not resumable:
+            raise
+        raise UserError(f"{error}; the last checkpoint is in {run_dir}; continue with: python {script}.py "
+                        f"--resume {run_dir}") from None
+    finally:
+        _deferring -= resumable
+
+
+@contextlib.contextmanager
+def _locked(run_dir):
+    """An exclusive flock on the folder itself for the block (no lock file to leave behind); a UserError if
+    another process holds it."""
+    descriptor = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"run folder {run_dir} is in use by another process; wait for it to end, or pick "
+                            f"another --run-name") from None
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def make_run_dir(save_dir, name, script, overwrite=False):
@@ -207,14 +337,37 @@ def seed_everything(seed):
         sys.modules['torch'].manual_seed(seed)
 
 
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def machine():
+    """Where a run ran, for its results: CPU model and the instruction sets that change speed and bits,
+    cores, load average, Python, NumPy and torch versions, and the git commit of this code."""
+    flags, model = set(), platform.processor()
+    with contextlib.suppress(OSError):
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() == 'model name':
+                    model = value.strip()
+                elif key.strip() == 'flags':
+                    flags = set(value.split())
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(['git', '-C', root, 'status', '--porcelain', '--untracked-files=no'],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    info = {'cpu': model, 'cpu_flags': sorted(flags & {'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16'}),
+            'cores': len(os.sched_getaffinity(0)), 'load_average': os.getloadavg(),
+            'python': platform.python_version(), 'numpy': np.__version__, 'git_commit': commit, 'git_dirty': dirty}
+    if 'torch' in sys.modules:
+        torch = sys.modules['torch']
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                    cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    return info
 
 
-FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file; mkstemp's files are private (0600)
-
+# ----------------------------------------------------------------------------- files
 
 def atomic_write(path, write):
     """Calls write(tmp_path) for a new temporary file beside `path` (with its extension), flushes it to the
@@ -224,7 +377,7 @@ def atomic_write(path, write):
     handle, tmp_path = tempfile.mkstemp(dir=folder or '.', prefix=f'.{name}.', suffix=os.path.splitext(name)[1])
     os.close(handle)
     try:
-        os.chmod(tmp_path, FILE_MODE)
+        os.chmod(tmp_path, _file_mode())
         write(tmp_path)
         with open(tmp_path, 'rb+') as f:
             os.fsync(f.fileno())
@@ -241,6 +394,13 @@ def atomic_write(path, write):
             os.close(descriptor)
 
 
+def _file_mode():
+    """What open() gives a new file under the umask; mkstemp's files are private (0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text(path, text):
     """Writes a text file atomically."""
     def write(tmp_path):
@@ -251,7 +411,7 @@ def write_text(path, text):
 
 def json_text(obj, indent=None):
     """obj as JSON text; NaN and infinities become null (JSON has neither), so the text is always valid JSON."""
-    return json.dumps(_finite(obj), indent=indent, default=json_default, allow_nan=False)
+    return json.dumps(_finite(obj), indent=indent, default=_json_default, allow_nan=False)
 
 
 def write_json(path, obj):
@@ -271,7 +431,7 @@ def _finite(obj):
     return obj
 
 
-def json_default(obj):
+def _json_default(obj):
     if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
@@ -282,6 +442,8 @@ def progress_bar(total, **options):
     return tqdm(total=total, leave=False, disable=None, dynamic_ncols=True, **options)
 
 
+# ----------------------------------------------------------------------------- signals
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a shutdown, `kill`), raised like Ctrl-C's KeyboardInterrupt so that both stop a run alike."""
 
@@ -290,10 +452,14 @@ def _interruption(signum):
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-# Inside a training loop a signal must not land between two parameter updates of one SGD step, or the
-# weights it would save belong to no step at all. So there the first SIGINT/SIGTERM is only noted, and
-# the loop asks for it between steps (stop_requested), saves its state and stops (stop).
-_deferring = 0          # how many stop_between_steps() blocks are open
+def _signal_of(interrupt):
+    return signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+
+
+# Once a run has its folder, a signal must not land between two parameter updates of one SGD step, or the
+# weights it would save belong to no step at all. So there the first SIGINT/SIGTERM is only noted, and the
+# run asks for it between steps (stop_requested), saves where it stands and stops (stop).
+_deferring = 0          # how many resumable run_folder() blocks are open
 _pending_signal = None  # the signal noted there and not yet acted upon
 
 
@@ -304,22 +470,6 @@ def _on_signal(signum, frame):
         return
     _pending_signal = None
     raise _interruption(signum)
-
-
-@contextlib.contextmanager
-def stop_between_steps():
-    """A training loop's block in which the first Ctrl-C / SIGTERM waits for the loop: the loop checks
-    stop_requested() before each step, saves a checkpoint of where it stands and calls stop(). A second
-    signal stops at once (the last checkpoint saved is then what resumes). A signal still waiting when
-    the block ends stops the program there. Only scripts started through run() defer signals."""
-    global _deferring
-    _deferring += 1
-    try:
-        yield
-    finally:
-        _deferring -= 1
-    if _pending_signal is not None:
-        stop()
 
 
 def stop_requested():
@@ -341,31 +491,14 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def resume_hint(script, run_dir):
-    """Turns Ctrl-C / SIGTERM inside the block into Interrupted, and a failed write (a full disk) into a
-    UserError, each saying how to resume the run in run_dir."""
-    hint = f"the last checkpoint is in {run_dir}; continue with: python {script}.py --resume {run_dir}"
-    try:
-        yield
-    except KeyboardInterrupt as interrupt:
-        signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}; {hint}", signum) from None
-    except OSError as error:
-        raise UserError(f"{error}; {hint}") from None
-
-
 def run(main):
     """Calls main(); a UserError becomes one line on stderr and exit code 2; Ctrl-C and SIGTERM one line
-    (with resume_hint, how to resume) and exit code 128 + the signal's number."""
+    (with the resume hint, once the run has a folder) and exit code 128 + the signal's number."""
     signal.signal(signal.SIGINT, _on_signal)  # also where the shell started us ignoring it
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         main()
-    except OSError as error:  # a full disk, a folder we may not write: one line too
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except UserError as error:
+    except (OSError, UserError) as error:  # a full disk, a folder we may not write: one line too
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as interrupt:
@@ -374,7 +507,7 @@ def run(main):
         sys.exit(128 + interrupt.signum)
     except KeyboardInterrupt as interrupt:  # before the run folder exists: nothing to resume
         print("interrupted", file=sys.stderr)
-        sys.exit(128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT))
+        sys.exit(128 + _signal_of(interrupt))
 
 
 def torch_device(choice):

@@ -1,27 +1,25 @@
 """MNIST and CIFAR-10: read from disk, validated, split and normalised the lab's way.
 
-MNIST     <data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]  (torchvision's layout)
 CIFAR-10  <data_dir>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}  (the python version)
+MNIST     <data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]  (torchvision's layout)
 
-Missing files are downloaded when a network exists; otherwise a DataError says which files to put where,
-and the failed attempt leaves nothing behind. Every malformed file gives a one-line DataError naming it.
+First the lab's own code for CIFAR-10 (shuffle_data, unpickle, prepare_cifar10), then MNIST, then the
+downloads. Missing files are downloaded when a network exists; otherwise a DataError says which files to
+put where, and the failed attempt leaves nothing behind. Every malformed file gives a one-line DataError
+naming it.
 
 A file is a claim, checked against its own size before anything is allocated for it: an IDX header must
 fit its file (a gzip stream is inflated no further than the header says), and CIFAR-10's pickles are read
-by a restricted unpickler that admits only the constructions the real files use, makes every array itself
-from bytes the file holds, and builds no more than a small multiple of the file's size.
-Files are accepted by their structure (shapes, dtype, label range and counts), so a re-encoded copy such
-as the JPEG stand-in loads too; load_cifar10 reports whether they are the published files (their MD5s),
-and load_mnist prints a one-line note when its .gz files are not.
+by safe_pickle, which admits only the constructions the real files use. Files are accepted by their
+structure (shapes, dtype, label range and counts), so a re-encoded copy such as the JPEG stand-in loads
+too; load_cifar10 reports whether they are the published files (their MD5s), and load_mnist prints a
+one-line note when its .gz files are not.
 """
 import contextlib
 import gzip
 import hashlib
-import io
 import math
 import os
-import pickle
-import pickletools
 import shutil
 import tarfile
 import tempfile
@@ -30,6 +28,7 @@ import zlib
 
 import numpy as np
 
+import safe_pickle
 from cli import UserError
 
 
@@ -37,35 +36,195 @@ class DataError(UserError):
     """A data set is missing or malformed."""
 
 
-def _one_line(text, limit=300):
-    """An error text fit for a one-line message: whitespace runs (newlines too) made one space, at most
-    `limit` characters (a name a file declares can be megabytes long)."""
-    text = ' '.join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + '...'
+# ----------------------------------------------------------------------------- CIFAR-10, the lab's code
+
+CIFAR_FOLDER = 'cifar-10-batches-py'
+CIFAR_TRAIN_BATCHES = [f'data_batch_{i}' for i in range(1, 6)]
+CIFAR_FILES = CIFAR_TRAIN_BATCHES + ['test_batch']
+CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR_MD5 = 'c58f30108f718f92721af3b95e74349a'
+# The published files' MD5s (as torchvision checks them). Files that differ, e.g. the JPEG-decoded
+# stand-in, are still accepted when their structure is right; load_cifar10 reports which it read.
+CIFAR_FILE_MD5 = {
+    'data_batch_1': 'c99cafc152244af753f735de768cd75f', 'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
+    'data_batch_3': '54ebc095f3ab1f0389bbae665268c751', 'data_batch_4': '634d18415352ddfa80567beed471001a',
+    'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb', 'test_batch': '40351d587109b95175f43aff81a1287e',
+}
+CIFAR_TRAIN_SIZE = 50_000
+CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+def shuffle_data(data_x, data_y, rng):
+    """The lab's function: the examples (N, ...) and their labels (N,) in one random order, drawn from `rng`
+    (a np.random.Generator, seeded: the same split every run)."""
+    indices = rng.permutation(data_x.shape[0])
+    return np.ascontiguousarray(data_x[indices]), np.ascontiguousarray(data_y[indices])
 
 
-@contextlib.contextmanager
-def _cleaned_up_on_failure(folder):
-    """Wraps a download into `folder`: if it fails or is interrupted, what the attempt created goes, and
-    nothing that was there before. That is `folder` with the parents the attempt made for it or, when
-    `folder` existed, the entries that are new in it (partial downloads)."""
-    created, path = None, os.path.abspath(folder)
-    while not os.path.exists(path):  # climb to the first folder that exists: the one below it is new
-        created, path = path, os.path.dirname(path)
-    existing = None if created else set(os.listdir(folder))
+def unpickle(path):
+    """The lab's function: loads a CIFAR-10 python-version file -> what it holds, byte strings as str and arrays
+    as read-only views of the file's bytes. safe_pickle reads it, since pickle.load would run any code a file
+    names; a one-line DataError names the file if it is anything but a CIFAR-10 file."""
     try:
-        yield
-    except BaseException:
-        if created:
-            new_paths = [created]
-        else:
-            new_paths = [os.path.join(folder, name) for name in sorted(set(os.listdir(folder)) - existing)]
-        for new_path in new_paths:
-            if os.path.isdir(new_path) and not os.path.islink(new_path):
-                shutil.rmtree(new_path, ignore_errors=True)
-            elif os.path.lexists(new_path):
-                os.remove(new_path)
-        raise
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({_one_line(error)})")
+    try:
+        return safe_pickle.loads(raw)
+    except Exception as error:  # a truncated or foreign pickle fails in many ways
+        raise DataError(f"{path}: not a CIFAR-10 file ({type(error).__name__}: {_one_line(error)})")
+
+
+def prepare_cifar10(data_dir, valid_size=5000, seed=42, download=True):
+    """The lab's CIFAR-10, as its snippet prepares it: the training images shuffled (shuffle_data, seeded),
+    the first `valid_size` of them for validation, the per-channel mean/std of the rest applied to all
+    three splits.
+
+    Images float32 (N, 3, 32, 32) in normalised units, labels int64; 'mean' and 'std' (3,) are
+    per channel on the [0, 1] scale, for undoing the normalisation (plots.draw_image); also
+    'class_names' and 'originals' from load_cifar10.
+    """
+    raw = load_cifar10(data_dir, download)
+    num_images = raw['train_x'].shape[0]
+    if not 0 < valid_size < num_images:
+        raise DataError(f"cannot hold out {valid_size} of {num_images} CIFAR-10 training images for validation")
+    shuffled_x, shuffled_y = shuffle_data(raw['train_x'], raw['train_y'], np.random.default_rng(seed))
+    valid_x, valid_y, train_x, train_y = (shuffled_x[:valid_size], shuffled_y[:valid_size],
+                                          shuffled_x[valid_size:], shuffled_y[valid_size:])
+    mean, std = _channel_mean_std(train_x)
+
+    def normalise(images):  # in place on the float copy: the training split alone is 550 MB
+        x = images.astype(np.float32)
+        x -= 255 * mean[:, None, None]
+        x /= 255 * std[:, None, None]
+        return x
+
+    return {
+        'train_x': normalise(train_x), 'train_y': train_y, 'valid_x': normalise(valid_x), 'valid_y': valid_y,
+        'test_x': normalise(raw['test_x']), 'test_y': raw['test_y'],
+        'mean': mean, 'std': std, 'class_names': raw['class_names'], 'originals': raw['originals'],
+    }
+
+
+def load_cifar10(data_dir, download=True):
+    """Raw CIFAR-10 -> dict: uint8 images (N, 3, 32, 32) and int64 labels for 'train' (all five batches)
+    and 'test', 'class_names' and 'originals' (True when every batch file has the published MD5).
+    'test_x' is a read-only view of test_batch's bytes.
+    """
+    folder = os.path.join(data_dir, CIFAR_FOLDER)
+    missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        if not download:
+            raise _missing_cifar10(data_dir, missing, "download disabled")
+        _download_cifar10(data_dir, missing)
+    train = [_read_batch(os.path.join(folder, name)) for name in CIFAR_TRAIN_BATCHES]
+    test_x, test_y = _read_batch(os.path.join(folder, 'test_batch'))
+    class_names = CIFAR_CLASSES
+    meta_path = os.path.join(folder, 'batches.meta')
+    if os.path.isfile(meta_path):
+        meta = unpickle(meta_path)
+        names = meta.get('label_names') if isinstance(meta, dict) else None
+        if not (isinstance(names, list) and len(names) == 10 and all(isinstance(n, str) for n in names)):
+            raise DataError(f"{meta_path}: expected a dict with 'label_names', a list of 10 class names")
+        class_names = names
+    return {
+        'train_x': np.concatenate([x for x, _ in train]), 'train_y': np.concatenate([y for _, y in train]),
+        'test_x': test_x, 'test_y': test_y, 'class_names': class_names,
+        'originals': all(_md5(os.path.join(folder, name)) == CIFAR_FILE_MD5[name] for name in CIFAR_FILES),
+    }
+
+
+def _channel_mean_std(images):
+    """uint8 (N, 3, H, W) -> per-channel mean and std on the [0, 1] scale, exactly, from 256-bin histograms
+    (no float copy of the images, no rounding in the sums)."""
+    values = np.arange(256, dtype=np.float64)
+    mean, std = np.empty(3), np.empty(3)
+    for c in range(3):
+        counts = np.bincount(images[:, c].ravel(), minlength=256)
+        mean[c] = counts @ values / counts.sum()
+        std[c] = np.sqrt(counts @ (values - mean[c]) ** 2 / counts.sum())
+    return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
+
+
+def _read_batch(path):
+    """One batch file -> uint8 images (N, 3, 32, 32) and int64 labels (N,), N >= 1, or a DataError naming the file."""
+    batch = unpickle(path)
+    if not isinstance(batch, dict) or 'data' not in batch or 'labels' not in batch:
+        raise DataError(f"{path}: expected a dict with 'data' and 'labels'")
+    images, labels = batch['data'], batch['labels']
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' must be a (N, 3072) uint8 array, got "
+                        f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
+    if len(images) == 0:  # an empty set would only fail later, as a division by zero
+        raise DataError(f"{path}: holds no images")
+    expected = f"{path}: 'labels' must be {len(images)} ints (one per image)"
+    if not isinstance(labels, list) or len(labels) != len(images):
+        raise DataError(f"{expected}, got " + (f"a list of {len(labels)}" if isinstance(labels, list)
+                                                 else f"a {type(labels).__name__}"))
+    not_int = next((i for i, label in enumerate(labels) if type(label) is not int), None)  # bool is no label
+    if not_int is not None:
+        raise DataError(f"{expected}, labels[{not_int}] is a {type(labels[not_int]).__name__}")
+    if min(labels) < 0 or max(labels) > 9:
+        raise DataError(f"{path}: labels must be in 0..9, found {min(labels)}..{max(labels)}")
+    return images.reshape(-1, 3, 32, 32), np.array(labels, dtype=np.int64)
+
+
+def _md5(path):
+    """A file's MD5 as hex, read 1 MiB at a time."""
+    digest = hashlib.md5()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stand_in_command(data_dir):
+    """The command that writes CIFAR-10's folder from the JPEG stand-in: its make_batches.py as found under
+    data_dir or $DATA_DIR, else a placeholder path."""
+    for root in (data_dir, os.environ.get('DATA_DIR')):
+        script = os.path.join(root or '', 'cifar-10-jpeg', 'make_batches.py')
+        if root and os.path.isfile(script):
+            break
+    else:
+        return f"python <path>/cifar-10-jpeg/make_batches.py {data_dir}"
+    if root == data_dir:  # the stand-in's own folder is read-only (its README): the batches go elsewhere
+        return f"python {script} data, then pass --data-dir data"
+    return f"python {script} {data_dir}"
+
+
+def _missing_cifar10(data_dir, missing, reason):
+    """The one-line DataError for CIFAR-10 files `missing` in data_dir: where they go and both ways to get them."""
+    folder = os.path.join(data_dir, CIFAR_FOLDER)
+    return DataError(f"CIFAR-10 files {', '.join(missing)} are missing in {folder} ({_one_line(reason)}); with a "
+                     f"network they are downloaded from {CIFAR_URL} (or put the python version's data_batch_1..5, "
+                     f"test_batch and batches.meta there); without one, make them from the JPEG stand-in: "
+                     f"{_stand_in_command(data_dir)}; or pass --data-dir / set DATA_DIR to the folder that holds "
+                     f"{CIFAR_FOLDER}/")
+
+
+def _download_cifar10(data_dir, missing):
+    """Downloads the official archive, checks its MD5 and extracts it with tarfile's 'data' filter. When a step
+    fails, what the attempt created goes: its temporary folder, a partly extracted folder, data_dir itself."""
+    with _cleaned_up_on_failure(os.path.join(data_dir, CIFAR_FOLDER)):
+        os.makedirs(data_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+            archive = os.path.join(tmp, 'cifar-10-python.tar.gz')
+            digest = hashlib.md5()
+            try:
+                with urllib.request.urlopen(CIFAR_URL, timeout=30) as response, open(archive, 'wb') as f:
+                    for block in iter(lambda: response.read(1 << 20), b''):
+                        digest.update(block)
+                        f.write(block)
+            except OSError as error:  # URLError, timeouts and refused connections are all OSErrors
+                raise _missing_cifar10(data_dir, missing, f"download failed: {error}")
+            if digest.hexdigest() != CIFAR_MD5:
+                raise DataError(f"downloaded {CIFAR_URL} has MD5 {digest.hexdigest()}, expected {CIFAR_MD5}; try again")
+            try:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(data_dir, filter='data')  # no absolute paths, no '..', no links out
+            except tarfile.TarError as error:
+                raise DataError(f"cannot extract {CIFAR_URL} ({type(error).__name__}: {_one_line(error)})")
+
 
 
 # ----------------------------------------------------------------------------- MNIST
@@ -211,426 +370,36 @@ def prepare_mnist(data_dir, dtype=np.float32, valid_size=MNIST_VALID_SIZE, downl
     }
 
 
-# ----------------------------------------------------------------------------- CIFAR-10
+# ----------------------------------------------------------------------------- files and downloads
 
-CIFAR_FOLDER = 'cifar-10-batches-py'
-CIFAR_TRAIN_BATCHES = [f'data_batch_{i}' for i in range(1, 6)]
-CIFAR_FILES = CIFAR_TRAIN_BATCHES + ['test_batch']
-CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-CIFAR_MD5 = 'c58f30108f718f92721af3b95e74349a'
-# The published files' MD5s (as torchvision checks them). Files that differ, e.g. the JPEG-decoded
-# stand-in, are still accepted when their structure is right; load_cifar10 reports which it read.
-CIFAR_FILE_MD5 = {
-    'data_batch_1': 'c99cafc152244af753f735de768cd75f', 'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
-    'data_batch_3': '54ebc095f3ab1f0389bbae665268c751', 'data_batch_4': '634d18415352ddfa80567beed471001a',
-    'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb', 'test_batch': '40351d587109b95175f43aff81a1287e',
-}
-CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
-
-# The pickle opcodes of CIFAR-10's files (Python 2's cPickle, protocol 2) and of Python 3's re-pickles of
-# them (protocols 2 to 5). The rest (floats, sets, object creation, extension codes, persistent ids,
-# out-of-band buffers, protocol 0's text forms) is in no CIFAR-10 file and is refused.
-_ADMITTED_OPCODES = (
-    'PROTO FRAME STOP MARK EMPTY_DICT EMPTY_LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 APPEND APPENDS SETITEM '
-    'SETITEMS BINPUT LONG_BINPUT MEMOIZE BINGET LONG_BINGET GLOBAL STACK_GLOBAL REDUCE BUILD NONE NEWTRUE '
-    'NEWFALSE BININT BININT1 BININT2 LONG1 SHORT_BINSTRING BINSTRING SHORT_BINBYTES BINBYTES BINBYTES8 '
-    'SHORT_BINUNICODE BINUNICODE BINUNICODE8 BYTEARRAY8').split()
-# pickletools' codes for an argument that is a length and then that many bytes -> the length's size in bytes
-_LENGTH_SIZE = {pickletools.TAKEN_FROM_ARGUMENT1: 1, pickletools.TAKEN_FROM_ARGUMENT4: 4,
-                pickletools.TAKEN_FROM_ARGUMENT4U: 4, pickletools.TAKEN_FROM_ARGUMENT8U: 8}
-# opcode byte -> (name, size of a fixed-size argument, size of a length before a counted one); GLOBAL's two
-# lines are neither, and _check_opcodes reads them itself.
-_OPCODE_LAYOUT = {
-    ord(op.code): (op.name, op.arg.n if op.arg and op.arg.n > 0 else 0, _LENGTH_SIZE.get(op.arg and op.arg.n, 0))
-    for op in pickletools.opcodes if op.name in _ADMITTED_OPCODES}
-# One opcode builds at most a small object (a list, a tuple, a stand-in: under 256 bytes); allowing one
-# per 256 bytes of file keeps them all within the file's size. The real batches have one per 1,000 to 3,000.
-_FILE_BYTES_PER_OPCODE, _OPCODES_ANY_FILE_MAY_HAVE = 256, 1000
-# How deep a CIFAR-10 file nests: a dict of lists of strings or ints (one level more, so that a list of
-# lists can be named by _read_batch). Deeper would only be a way to exhaust the stack.
-_MAX_NESTING = 3
-# The plain number types a pickled array may have, in either byte order; 'data' must be the first.
-_NUMBER_TYPES = {'u1', 'i1', 'u2', 'i2', 'u4', 'i4', 'u8', 'i8', 'f2', 'f4', 'f8'}
+def _one_line(text, limit=300):
+    """An error text fit for a one-line message: whitespace runs (newlines too) made one space, at most
+    `limit` characters (a name a file declares can be megabytes long)."""
+    text = ' '.join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + '...'
 
 
-def _check_opcodes(raw):
-    """Walks the opcodes of the pickle `raw`, building nothing, and raises unless each claim fits the file.
-
-    Only _ADMITTED_OPCODES; every counted argument (a string's length, a frame's size) must lie within the
-    bytes left; a memo index must be at most the number of opcodes so far (CPython sizes its memo by the
-    largest index: five bytes could ask for 16 GiB); and there may be no more opcodes than the file's size
-    allows (_FILE_BYTES_PER_OPCODE). EOFError when the pickle ends before its STOP.
-    """
-    max_opcodes = _OPCODES_ANY_FILE_MAY_HAVE + len(raw) // _FILE_BYTES_PER_OPCODE
-    pos = 0
-    for count in range(max_opcodes):
-        if pos >= len(raw):
-            raise EOFError("the pickle ends before its STOP opcode")
-        layout = _OPCODE_LAYOUT.get(raw[pos])
-        if layout is None:
-            known = pickletools.code2op.get(chr(raw[pos]))
-            raise pickle.UnpicklingError(f"refusing pickle opcode {known.name if known else hex(raw[pos])}")
-        name, fixed_size, length_size = layout
-        pos += 1 + fixed_size
-        if length_size:
-            length = int.from_bytes(raw[pos:pos + length_size], 'little')
-            pos += length_size + length
-            if pos > len(raw):
-                raise pickle.UnpicklingError(f"{name} declares {length} bytes, more than the file has left")
-        elif name in ('BINPUT', 'LONG_BINPUT', 'FRAME'):
-            value = int.from_bytes(raw[pos - fixed_size:pos], 'little')
-            if name == 'FRAME' and pos + value > len(raw):
-                raise pickle.UnpicklingError(f"FRAME declares {value} bytes, more than the file has left")
-            if name != 'FRAME' and value > count:
-                raise pickle.UnpicklingError(f"memo index {value} after {count} opcodes")
-        elif name == 'GLOBAL':  # a module and a name, a line each
-            for _ in range(2):
-                pos = raw.find(b'\n', pos) + 1
-                if pos == 0:
-                    raise EOFError("the pickle ends inside a GLOBAL")
-        elif name == 'STOP':
-            return
-    raise pickle.UnpicklingError(f"more than {max_opcodes} opcodes, more than a file of {len(raw)} bytes holds")
-
-
-def _text(value):
-    """A short string from the pickle as str: Python 2's str arrives as bytes (encoding='bytes')."""
-    return value.decode('latin1') if isinstance(value, bytes) else value
-
-
-def _ndarray(*args):
-    """numpy.ndarray as a pickle names it: admitted as _reconstruct's first argument, refused when called, for
-    numpy.ndarray(shape, dtype) hands back uninitialised memory, and with a buffer and strides it makes a
-    view of any size over a few bytes."""
-    raise pickle.UnpicklingError("refusing to call numpy.ndarray")
-
-
-class _PickledDtype:
-    """numpy.dtype as a pickle calls it: (type code, align, copy), then __setstate__(state). Admitted only as
-    numpy writes them for a plain number type; the np.dtype is made here, never by numpy's __setstate__."""
-
-    def __init__(self, code, align, copy):
-        code = _text(code)
-        if not (isinstance(code, str) and len(code) <= 16):
-            raise pickle.UnpicklingError(f"refusing a dtype given as a {type(code).__name__}")
-        dtype = np.dtype(code)  # parses a short type string, as NumPy's .npy loader does with untrusted headers
-        if dtype.str[1:] not in _NUMBER_TYPES or (align, copy) != (False, True):
-            raise pickle.UnpicklingError(f"refusing an array of dtype {dtype}")
-        self.dtype = dtype
-
-    def __setstate__(self, state):
-        """numpy's state of a plain number type: (3, byte order, None, None, None, -1, -1, 0). Any other would
-        change the checked type afterwards: fields past the item size, another item size, object flags."""
-        byte_order = _text(state[1]) if isinstance(state, tuple) and len(state) == 8 else None
-        if byte_order not in ('<', '>', '|') or state[:1] + state[2:] != (3, None, None, None, -1, -1, 0):
-            raise pickle.UnpicklingError(f"refusing a state that changes dtype {self.dtype}")
-        self.dtype = self.dtype.newbyteorder(byte_order)
-
-
-def _array_from_bytes(raw, dtype, shape):
-    """raw bytes -> a read-only C-ordered array of `shape` and `dtype` (a _PickledDtype) viewing them: no
-    copy, and nothing that the file does not hold, since raw must be exactly the array's size."""
-    if not isinstance(dtype, _PickledDtype):
-        raise pickle.UnpicklingError(f"refusing an array whose dtype is a {type(dtype).__name__}")
-    if not isinstance(raw, (bytes, bytearray)):
-        raise pickle.UnpicklingError(f"refusing an array whose data is a {type(raw).__name__}, not bytes")
-    if not (isinstance(shape, tuple) and len(shape) <= 32 and all(type(n) is int and n >= 0 for n in shape)):
-        raise pickle.UnpicklingError("refusing an array shape that is not a tuple of sizes")
-    needed = math.prod(shape) * dtype.dtype.itemsize
-    if needed != len(raw):
-        raise pickle.UnpicklingError(f"an array of shape {shape} and dtype {dtype.dtype} needs {needed} bytes, "
-                                     f"the file gives {len(raw)}")
-    return np.frombuffer(raw, dtype.dtype).reshape(shape)
-
-
-class _PickledArray:
-    """Stands in for an ndarray while a pickle is read. numpy pickles one as _reconstruct(ndarray, (0,), b'b')
-    followed by __setstate__((1, shape, dtype, False, raw bytes)), or, at protocol 5, as
-    _frombuffer(bytearray, dtype, shape, 'C'). Both forms are admitted exactly so, and the array is made by
-    _array_from_bytes: numpy's own __setstate__ never sees the file."""
-
-    def __init__(self):
-        self.array = None
-
-    @classmethod
-    def reconstruct(cls, ndarray, shape, typecode):
-        """numpy.core.multiarray._reconstruct: an empty stand-in, to be filled by __setstate__."""
-        if ndarray is not _ndarray or shape != (0,) or typecode != b'b':
-            raise pickle.UnpicklingError("refusing _reconstruct with arguments other than (ndarray, (0,), b'b')")
-        return cls()
-
-    @classmethod
-    def from_buffer(cls, buffer, dtype, shape, order):
-        """numpy.core.numeric._frombuffer (protocol 5): a stand-in holding its array already."""
-        if order != 'C':
-            raise pickle.UnpicklingError("refusing an array that is not C-ordered")
-        stand_in = cls()
-        stand_in.array = _array_from_bytes(buffer, dtype, shape)
-        return stand_in
-
-    def __setstate__(self, state):
-        """numpy's state of an array, (1, shape, dtype, False, raw bytes): the array, made once."""
-        if self.array is not None or not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
-            raise pickle.UnpicklingError("refusing an array state that numpy does not write")
-        _, shape, dtype, fortran_order, raw = state
-        if fortran_order:
-            raise pickle.UnpicklingError("refusing an array that is not C-ordered")
-        self.array = _array_from_bytes(raw, dtype, shape)
-
-
-def _empty_bytes(*args):
-    """__builtin__.bytes, how Python 3 pickles b'' at protocol 2: bytes(). With an argument it could
-    allocate any size (bytes(10**10)), so none is admitted."""
-    if args:
-        raise pickle.UnpicklingError("refusing bytes() with arguments")
-    return b''
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the names CIFAR-10's files use, each to a stand-in above that checks its arguments, and
-    refuses every other name: a plain pickle.load calls whatever a file names (os.system included)."""
-
-    STAND_INS = {
-        ('numpy.core.multiarray', '_reconstruct'): _PickledArray.reconstruct,
-        ('numpy._core.multiarray', '_reconstruct'): _PickledArray.reconstruct,  # NumPy 2's name
-        ('numpy.core.numeric', '_frombuffer'): _PickledArray.from_buffer,
-        ('numpy._core.numeric', '_frombuffer'): _PickledArray.from_buffer,
-        ('numpy', 'ndarray'): _ndarray,
-        ('numpy', 'dtype'): _PickledDtype,
-        ('__builtin__', 'bytes'): _empty_bytes,
-        ('builtins', 'bytes'): _empty_bytes,
-    }
-
-    def __init__(self, raw):
-        # BufferedReader: its peek() lets the unpickler read ahead (from a bare BytesIO it calls read() for
-        # every opcode). encoding='bytes' hands Python 2's pixel string over untouched (latin1 would decode
-        # and re-encode 30 MB).
-        super().__init__(io.BufferedReader(io.BytesIO(raw)), encoding='bytes')
-        self.bytes_to_encode = len(raw)
-
-    def find_class(self, module, name):
-        if (module, name) == ('_codecs', 'encode'):  # re-pickled batches (Python 3, protocol 2)
-            return self._latin1_encode
-        if (module, name) in self.STAND_INS:
-            return self.STAND_INS[module, name]
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-    def _latin1_encode(self, text, encoding):
-        """_codecs.encode(str, 'latin1'), how Python 3 pickles bytes at protocol 2; no other codec, and in all
-        no more bytes than the file has (a string in the memo could otherwise be encoded again and again)."""
-        if encoding != 'latin1' or not isinstance(text, str):
-            raise pickle.UnpicklingError("refusing _codecs.encode other than encode(str, 'latin1')")
-        self.bytes_to_encode -= len(text)
-        if self.bytes_to_encode < 0:
-            raise pickle.UnpicklingError("its strings encode to more bytes than the file has")
-        return text.encode('latin1')
-
-
-def _plain(loaded):
-    """The unpickled object with stand-ins made arrays and bytes made str (Python 2's strings), checked to be
-    what CIFAR-10's files hold: dicts, lists, strings, ints, None and arrays, nested at most _MAX_NESTING
-    deep. An object the memo repeats is converted once and shared, so the result is no bigger than what
-    was loaded."""
-    converted = {}  # id -> (converted object, its height: 0 for a leaf, else 1 + its highest item's)
-
-    def convert(obj, depth):
-        """obj, met `depth` containers deep -> (converted object, its height)."""
-        if depth > _MAX_NESTING:  # checked before converting, so a list that holds itself stops here
-            raise pickle.UnpicklingError(f"nested more than {_MAX_NESTING} deep, deeper than CIFAR-10's files")
-        if obj is None or isinstance(obj, (str, int)):
-            return obj, 0
-        if id(obj) not in converted:
-            if isinstance(obj, dict):
-                pairs = [(convert(key, depth + 1), convert(value, depth + 1)) for key, value in obj.items()]
-                converted[id(obj)] = ({key: value for (key, _), (value, _) in pairs},
-                                      1 + max((max(k, v) for (_, k), (_, v) in pairs), default=0))
-            elif isinstance(obj, list):
-                items = [convert(item, depth + 1) for item in obj]
-                converted[id(obj)] = [item for item, _ in items], 1 + max((h for _, h in items), default=0)
-            elif isinstance(obj, _PickledArray) and obj.array is not None:
-                converted[id(obj)] = obj.array, 0
-            elif isinstance(obj, bytes):
-                converted[id(obj)] = obj.decode('latin1'), 0
-            else:
-                what = 'an array without its data' if isinstance(obj, _PickledArray) else f"a {type(obj).__name__}"
-                raise pickle.UnpicklingError(f"refusing {what} in the file")
-        result, height = converted[id(obj)]
-        if depth + height > _MAX_NESTING:  # a shared object met deeper than where it was converted
-            raise pickle.UnpicklingError(f"nested more than {_MAX_NESTING} deep, deeper than CIFAR-10's files")
-        return result, height
-
-    return convert(loaded, 0)[0]
-
-
-def unpickle(path):
-    """Loads a CIFAR-10 python-version file with the restricted unpickler -> what it holds, byte strings as
-    str and arrays as read-only views of the file's bytes; a one-line DataError naming the file if the
-    file is anything else."""
+@contextlib.contextmanager
+def _cleaned_up_on_failure(folder):
+    """Wraps a download into `folder`: if it fails or is interrupted, what the attempt created goes, and
+    nothing that was there before. That is `folder` with the parents the attempt made for it or, when
+    `folder` existed, the entries that are new in it (partial downloads)."""
+    created, path = None, os.path.abspath(folder)
+    while not os.path.exists(path):  # climb to the first folder that exists: the one below it is new
+        created, path = path, os.path.dirname(path)
+    existing = None if created else set(os.listdir(folder))
     try:
-        with open(path, 'rb') as f:
-            raw = f.read()
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({_one_line(error)})")
-    try:
-        _check_opcodes(raw)
-        return _plain(_RestrictedUnpickler(raw).load())
-    except Exception as error:  # a truncated or foreign pickle fails in many ways
-        raise DataError(f"{path}: not a CIFAR-10 file ({type(error).__name__}: {_one_line(error)})")
+        yield
+    except BaseException:
+        if created:
+            new_paths = [created]
+        else:
+            new_paths = [os.path.join(folder, name) for name in sorted(set(os.listdir(folder)) - existing)]
+        for new_path in new_paths:
+            if os.path.isdir(new_path) and not os.path.islink(new_path):
+                shutil.rmtree(new_path, ignore_errors=True)
+            elif os.path.lexists(new_path):
+                os.remove(new_path)
+        raise
 
 
-def _read_batch(path):
-    """One batch file -> uint8 images (N, 3, 32, 32) and int64 labels (N,), N >= 1, or a DataError naming the file."""
-    batch = unpickle(path)
-    if not isinstance(batch, dict) or 'data' not in batch or 'labels' not in batch:
-        raise DataError(f"{path}: expected a dict with 'data' and 'labels'")
-    images, labels = batch['data'], batch['labels']
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
-        raise DataError(f"{path}: 'data' must be a (N, 3072) uint8 array, got "
-                        f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
-    if len(images) == 0:  # an empty set would only fail later, as a division by zero
-        raise DataError(f"{path}: holds no images")
-    expected = f"{path}: 'labels' must be {len(images)} ints (one per image)"
-    if not isinstance(labels, list) or len(labels) != len(images):
-        raise DataError(f"{expected}, got " + (f"a list of {len(labels)}" if isinstance(labels, list)
-                                                 else f"a {type(labels).__name__}"))
-    not_int = next((i for i, label in enumerate(labels) if type(label) is not int), None)  # bool is no label
-    if not_int is not None:
-        raise DataError(f"{expected}, labels[{not_int}] is a {type(labels[not_int]).__name__}")
-    if min(labels) < 0 or max(labels) > 9:
-        raise DataError(f"{path}: labels must be in 0..9, found {min(labels)}..{max(labels)}")
-    return images.reshape(-1, 3, 32, 32), np.array(labels, dtype=np.int64)
-
-
-def _md5(path):
-    """A file's MD5 as hex, read 1 MiB at a time."""
-    digest = hashlib.md5()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _stand_in_command(data_dir):
-    """The command that writes CIFAR-10's folder from the JPEG stand-in: its make_batches.py as found under
-    data_dir or $DATA_DIR, else a placeholder path."""
-    for root in (data_dir, os.environ.get('DATA_DIR')):
-        script = os.path.join(root or '', 'cifar-10-jpeg', 'make_batches.py')
-        if root and os.path.isfile(script):
-            break
-    else:
-        return f"python <path>/cifar-10-jpeg/make_batches.py {data_dir}"
-    if root == data_dir:  # the stand-in's own folder is read-only (its README): the batches go elsewhere
-        return f"python {script} data, then pass --data-dir data"
-    return f"python {script} {data_dir}"
-
-
-def _missing_cifar10(data_dir, missing, reason):
-    """The one-line DataError for CIFAR-10 files `missing` in data_dir: where they go and both ways to get them."""
-    folder = os.path.join(data_dir, CIFAR_FOLDER)
-    return DataError(f"CIFAR-10 files {', '.join(missing)} are missing in {folder} ({_one_line(reason)}); with a "
-                     f"network they are downloaded from {CIFAR_URL} (or put the python version's data_batch_1..5, "
-                     f"test_batch and batches.meta there); without one, make them from the JPEG stand-in: "
-                     f"{_stand_in_command(data_dir)}; or pass --data-dir / set DATA_DIR to the folder that holds "
-                     f"{CIFAR_FOLDER}/")
-
-
-def _download_cifar10(data_dir, missing):
-    """Downloads the official archive, checks its MD5 and extracts it with tarfile's 'data' filter. When a step
-    fails, what the attempt created goes: its temporary folder, a partly extracted folder, data_dir itself."""
-    with _cleaned_up_on_failure(os.path.join(data_dir, CIFAR_FOLDER)):
-        os.makedirs(data_dir, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
-            archive = os.path.join(tmp, 'cifar-10-python.tar.gz')
-            digest = hashlib.md5()
-            try:
-                with urllib.request.urlopen(CIFAR_URL, timeout=30) as response, open(archive, 'wb') as f:
-                    for block in iter(lambda: response.read(1 << 20), b''):
-                        digest.update(block)
-                        f.write(block)
-            except OSError as error:  # URLError, timeouts and refused connections are all OSErrors
-                raise _missing_cifar10(data_dir, missing, f"download failed: {error}")
-            if digest.hexdigest() != CIFAR_MD5:
-                raise DataError(f"downloaded {CIFAR_URL} has MD5 {digest.hexdigest()}, expected {CIFAR_MD5}; try again")
-            try:
-                with tarfile.open(archive) as tar:
-                    tar.extractall(data_dir, filter='data')  # no absolute paths, no '..', no links out
-            except tarfile.TarError as error:
-                raise DataError(f"cannot extract {CIFAR_URL} ({type(error).__name__}: {_one_line(error)})")
-
-
-def load_cifar10(data_dir, download=True):
-    """Raw CIFAR-10 -> dict: uint8 images (N, 3, 32, 32) and int64 labels for 'train' (all five batches)
-    and 'test', 'class_names' and 'originals' (True when every batch file has the published MD5).
-    'test_x' is a read-only view of test_batch's bytes.
-    """
-    folder = os.path.join(data_dir, CIFAR_FOLDER)
-    missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
-    if missing:
-        if not download:
-            raise _missing_cifar10(data_dir, missing, "download disabled")
-        _download_cifar10(data_dir, missing)
-    train = [_read_batch(os.path.join(folder, name)) for name in CIFAR_TRAIN_BATCHES]
-    test_x, test_y = _read_batch(os.path.join(folder, 'test_batch'))
-    class_names = CIFAR_CLASSES
-    meta_path = os.path.join(folder, 'batches.meta')
-    if os.path.isfile(meta_path):
-        meta = unpickle(meta_path)
-        names = meta.get('label_names') if isinstance(meta, dict) else None
-        if not (isinstance(names, list) and len(names) == 10 and all(isinstance(n, str) for n in names)):
-            raise DataError(f"{meta_path}: expected a dict with 'label_names', a list of 10 class names")
-        class_names = names
-    return {
-        'train_x': np.concatenate([x for x, _ in train]), 'train_y': np.concatenate([y for _, y in train]),
-        'test_x': test_x, 'test_y': test_y, 'class_names': class_names,
-        'originals': all(_md5(os.path.join(folder, name)) == CIFAR_FILE_MD5[name] for name in CIFAR_FILES),
-    }
-
-
-def _channel_mean_std(images):
-    """uint8 (N, 3, H, W) -> per-channel mean and std on the [0, 1] scale, exactly, from 256-bin histograms
-    (no float copy of the images, no rounding in the sums)."""
-    values = np.arange(256, dtype=np.float64)
-    mean, std = np.empty(3), np.empty(3)
-    for c in range(3):
-        counts = np.bincount(images[:, c].ravel(), minlength=256)
-        mean[c] = counts @ values / counts.sum()
-        std[c] = np.sqrt(counts @ (values - mean[c]) ** 2 / counts.sum())
-    return (mean / 255).astype(np.float32), (std / 255).astype(np.float32)
-
-
-def shuffle_data(data_x, data_y, rng):
-    """The lab's function: the examples (N, ...) and their labels (N,) in one random order, drawn from `rng`
-    (a np.random.Generator, seeded: the same split every run)."""
-    indices = rng.permutation(data_x.shape[0])
-    return np.ascontiguousarray(data_x[indices]), np.ascontiguousarray(data_y[indices])
-
-
-def prepare_cifar10(data_dir, valid_size=5000, seed=42, download=True):
-    """The lab's CIFAR-10, as its snippet prepares it: the training images shuffled (shuffle_data, seeded),
-    the first `valid_size` of them for validation, the per-channel mean/std of the rest applied to all
-    three splits.
-
-    Images float32 (N, 3, 32, 32) in normalised units, labels int64; 'mean' and 'std' (3,) are
-    per channel on the [0, 1] scale, for undoing the normalisation (plots.draw_image); also
-    'class_names' and 'originals' from load_cifar10.
-    """
-    raw = load_cifar10(data_dir, download)
-    num_images = raw['train_x'].shape[0]
-    if not 0 < valid_size < num_images:
-        raise DataError(f"cannot hold out {valid_size} of {num_images} CIFAR-10 training images for validation")
-    shuffled_x, shuffled_y = shuffle_data(raw['train_x'], raw['train_y'], np.random.default_rng(seed))
-    valid_x, valid_y, train_x, train_y = (shuffled_x[:valid_size], shuffled_y[:valid_size],
-                                          shuffled_x[valid_size:], shuffled_y[valid_size:])
-    mean, std = _channel_mean_std(train_x)
-
-    def normalise(images):  # in place on the float copy: the training split alone is 550 MB
-        x = images.astype(np.float32)
-        x -= 255 * mean[:, None, None]
-        x /= 255 * std[:, None, None]
-        return x
-
-    return {
-        'train_x': normalise(train_x), 'train_y': train_y, 'valid_x': normalise(valid_x), 'valid_y': valid_y,
-        'test_x': normalise(raw['test_x']), 'test_y': raw['test_y'],
-        'mean': mean, 'std': std, 'class_names': raw['class_names'], 'originals': raw['originals'],
-    }

@@ -223,9 +223,10 @@ class ReLU(layers.ReLU):
 # threads scale badly on these small GEMMs, the kernels around them would run on one core, and two
 # callers of a multi-threaded OpenBLAS queue for its one thread pool. A busy neighbour takes much of
 # the gain back: a region waits for its slowest part.
-# The parts are fixed, so results do not change from run to run. A convolution gives the same bits
-# for every thread count (each image, or each weight column, is one thread's whole); the FC layers'
-# products may round differently when split differently.
+# The parts are fixed, so results do not change from run to run, and every layer gives the same bits for
+# every thread count: each image, or each weight column, is one thread's whole, and FC's products are
+# made in blocks of a fixed size whatever the split (FC.BLOCK).
+# Nothing starts at import: the threads and OpenBLAS's controls come with the first layer that splits work.
 
 def _find_openblas():
     """(set_num_threads, get_num_threads) of NumPy's bundled OpenBLAS, or None (another BLAS, e.g. Accelerate)."""
@@ -305,9 +306,18 @@ class _Team:
             thread.join()
 
 
-_openblas = _find_openblas()
-num_threads = 1
-_team = None
+_NOT_LOOKED_UP = object()
+_openblas = _NOT_LOOKED_UP
+num_threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)
+_team = None  # num_threads - 1 workers, started by the first region that needs them
+
+
+def _blas():
+    """_find_openblas(), looked up once, on first use."""
+    global _openblas
+    if _openblas is _NOT_LOOKED_UP:
+        _openblas = _find_openblas()
+    return _openblas
 
 
 def set_num_threads(threads):
@@ -317,19 +327,16 @@ def set_num_threads(threads):
         raise ValueError(f"need at least one thread, got {threads}")
     if _team is not None:
         _team.shutdown()
-    num_threads = int(threads)
-    _team = _Team(num_threads - 1) if num_threads > 1 else None
+    num_threads, _team = int(threads), None
 
 
 def set_blas_threads(threads):
     """Sets OpenBLAS's own thread count; False where NumPy's BLAS is not a bundled OpenBLAS."""
-    if _openblas is None:
+    if _blas() is None:
         return False
-    _openblas[0](threads)
+    _blas()[0](threads)
     return True
 
-
-set_num_threads(min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))
 
 # Below this many multiply-adds a part is too small to be worth a thread's wake-up (~20 us).
 MIN_WORK_PER_THREAD = 1 << 20
@@ -349,15 +356,21 @@ def _in_parallel(function, parts):
     wake up to spin on a core the layers' threads need, and a product is computed the same way, to the
     bit, whether the layers run on one thread or on several.
     """
-    if _openblas is None:
+    blas = _blas()
+    if blas is None:
         return _run(function, parts)
-    blas_threads = _openblas[1]()
-    _openblas[0](1)
+    blas_threads = blas[1]()
+    blas[0](1)
     try:
         return _run(function, parts)
     finally:
-        _openblas[0](blas_threads)
+        blas[0](blas_threads)
 
 
 def _run(function, parts):
-    return [function(parts[0])] if len(parts) == 1 else _team.run(function, parts)
+    global _team
+    if len(parts) == 1:
+        return [function(parts[0])]
+    if _team is None:
+        _team = _Team(num_threads - 1)
+    return _team.run(function, parts)

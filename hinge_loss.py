@@ -81,26 +81,33 @@ def comparison_table(results):
     return '\n'.join(lines)
 
 
-def main(argv=None):
-    parser = train_cifar.make_parser(__doc__)
-    parser.set_defaults(lr=HINGE_LR)
+def make_parser():
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, *cli.RUN_FLAGS, 'device', 'epochs', 'batch_size', 'lr', 'gamma', 'weight_decay', 'padding',
+                  'valid_size', 'limit', epochs=train_cifar.EPOCHS, batch_size=train_cifar.BATCH_SIZE, lr=HINGE_LR,
+                  gamma=train_cifar.GAMMA, weight_decay=train_cifar.WEIGHT_DECAY, padding=train_cifar.PADDING,
+                  valid_size=train_cifar.VALID_SIZE)
     parser.add_argument('--delta', type=cli.non_negative_float, default=1.0, help='the hinge margin (default: 1.0)')
     parser.add_argument('--compare', action='store_true',
                         help='also train with cross-entropy (same data, seed and schedule) and compare the two')
-    args = cli.parse_args(parser, SCRIPT, argv)
+    return parser
+
+
+def main(argv=None):
+    args = cli.parse_args(make_parser(), SCRIPT, argv)
+    train_cifar.check_cifar_args(args)
     dataset = train_cifar.load_data(args, cli.torch_device(args.device))
-    run_dir = cli.open_run_dir(args, SCRIPT, argv)
     runs = {'hinge': (args, functools.partial(multiclass_hinge_loss, delta=args.delta), 'Multiclass hinge loss')}
     if args.compare:
         runs['cross-entropy'] = (argparse.Namespace(**{**vars(args), 'lr': train_cifar.LR}), F.cross_entropy,
                                  'Cross-entropy loss')
     results = {}
-    with cli.resume_hint(SCRIPT, run_dir):
+    with cli.run_folder(args, SCRIPT, argv) as run_dir:
         for name, (run_args, loss_fn, loss_name) in runs.items():
             sub_dir = cli.make_run_dir(run_dir, name, SCRIPT, overwrite=True)
             results[name] = train_cifar.train_model(run_args, dataset, sub_dir, loss_fn, loss_name)
-    if args.compare:
-        compare(run_dir, results, dataset['name'], args.delta)
+        if args.compare:
+            compare(run_dir, results, dataset['name'], args.delta)
 
 
 def compare(run_dir, results, data_name, delta):
@@ -111,7 +118,7 @@ def compare(run_dir, results, data_name, delta):
     print(f"\n{table}\n\n{note}")
     cli.write_text(os.path.join(run_dir, 'compare.md'), f"# Hinge loss (delta {delta}) vs cross-entropy\n\n"
                                                          f"{table}\n\n{note}\n")
-    cli.write_json(os.path.join(run_dir, 'compare.json'), {'note': note, 'runs': results})
+    cli.write_json(os.path.join(run_dir, 'compare.json'), {'table': table, 'note': note, 'runs': results})
     plots.plot_run_comparison(os.path.join(run_dir, 'compare.png'),
                               {name: plots.history(r['epochs']) for name, r in results.items()},
                               {name: r['loss'] for name, r in results.items()},

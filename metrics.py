@@ -1,4 +1,4 @@
-"""Classification metrics the lab asks for, all derived from one confusion matrix, and a PyTorch evaluate().
+"""Classification metrics the lab asks for, all derived from one confusion matrix, and the lab's evaluate().
 
 Conventions:
   confusion[i, j] = number of examples of true class i predicted as class j (rows: truth, columns: predictions)
@@ -6,10 +6,12 @@ Conventions:
   recall[i]    = confusion[i, i] / row sum i      (of the examples of class i, the fraction found)
 A class that is never predicted (or never occurs) has an undefined precision (recall); it is reported
 as 0, as scikit-learn's zero_division=0 does, so that the macro averages stay finite.
+
+Every evaluate() of the project returns the same scores dict (scores()): nn.evaluate for a NumPy net, and
+evaluate() here for a PyTorch model. torch is imported by the functions that need it, so that the NumPy
+scripts run without it.
 """
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 def confusion_matrix(y_true, y_pred, num_classes):
@@ -38,41 +40,51 @@ def scores_from_confusion(confusion):
     }
 
 
-@torch.no_grad()
+def scores(y_true, y_pred, loss, num_classes):
+    """True and predicted classes (N,) and the mean loss -> the scores dict of every evaluate(): loss,
+    accuracy, confusion matrix (C, C), per-class precision and recall (C,), macro_precision, macro_recall."""
+    confusion = confusion_matrix(y_true, y_pred, num_classes)
+    return {'loss': float(loss), 'confusion': confusion, **scores_from_confusion(confusion)}
+
+
 def predict_logits(model, x, batch_size=500):
     """Forward pass only, in eval mode, batch by batch: x (N, ...) -> logits (N, C) on the CPU.
 
     The model's training mode is restored afterwards; no gradients are recorded, so nothing here can
     update the weights. Batches are moved to the model's device, wherever x lives.
     """
+    import torch
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+        with torch.no_grad():
+            return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
+                              for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
 
 
-def scores_from_logits(logits, y, loss_fn=F.cross_entropy):
-    """Logits (N, C) and int64 labels (N,) -> dict: loss (the mean of loss_fn), accuracy, confusion
-    matrix (C, C), per-class precision and recall (C,), macro_precision and macro_recall."""
+def scores_from_logits(logits, y, loss_fn=None):
+    """Logits (N, C) and int64 labels (N,), tensors -> scores(), the loss the mean of loss_fn (default:
+    cross-entropy)."""
+    import torch.nn.functional as F
     y = y.cpu()
-    confusion = confusion_matrix(y.numpy(), logits.argmax(dim=1).numpy(), logits.shape[1])
-    return {'loss': float(loss_fn(logits, y)), 'confusion': confusion, **scores_from_confusion(confusion)}
+    loss = (loss_fn or F.cross_entropy)(logits, y)
+    return scores(y.numpy(), logits.argmax(dim=1).numpy(), loss, logits.shape[1])
 
 
-def evaluate(model, x, y, loss_fn=F.cross_entropy, batch_size=500):
-    """The lab's evaluate(): model on inputs x (N, ...) with int64 labels y (N,) -> scores_from_logits' dict.
+def evaluate(model, x, y, loss_fn=None, batch_size=500):
+    """The lab's evaluate(): a PyTorch model on inputs x (N, ...) with int64 labels y (N,) -> scores().
 
     Runs the forward pass only (torch.no_grad, eval mode, previous mode restored) and never touches
-    an optimizer. loss_fn(logits, y) must return the batch mean, like F.cross_entropy.
+    an optimizer. loss_fn(logits, y) must return the batch mean, like F.cross_entropy (the default).
     """
     return scores_from_logits(predict_logits(model, x, batch_size), y, loss_fn)
 
 
 def summary(scores, class_names):
-    """evaluate()'s dict -> JSON-friendly: per-class scores keyed by class name."""
+    """evaluate()'s dict -> what results.json keeps under 'test': per-class scores keyed by class name."""
     return {'loss': scores['loss'], 'accuracy': scores['accuracy'],
             'macro_precision': scores['macro_precision'], 'macro_recall': scores['macro_recall'],
             'precision': dict(zip(class_names, scores['precision'])),

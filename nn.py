@@ -3,8 +3,11 @@
 A net is a plain list of layers (layers.py or fast_layers.py), input to logits, as train.py builds it; a
 loss is a SoftmaxCrossEntropyWithLogits, or a RegularizedLoss wrapping one (train_l2reg.py).
 """
+import numpy as np
+
 import checkpoint
 import layers
+import metrics
 import plots
 
 
@@ -48,47 +51,43 @@ def lr_at(lr_policy, epoch):
     return lr_policy[max(start for start in lr_policy if start <= epoch)]
 
 
-def train(net, loss, data, run, epochs, batch_size, lr_policy, draw_every=100):
-    """The lab's training loop: SGD on data['train_x'] (N, C, H, W) and data['train_y'] (N,) for `epochs` epochs.
+def train(net, loss, data, run, batch_size, lr_policy, shuffle=True, draw_every=100):
+    """The lab's training loop: SGD on data['train_x'] (N, C, H, W) and data['train_y'] (N,).
 
     Every epoch visits the training images in a new random order, in mini-batches of batch_size, with the
-    learning rate lr_at(lr_policy, epoch), then measures loss and accuracy on the whole training and
-    validation sets. conv1's filters are drawn every draw_every steps and after every epoch.
-    `run` (checkpoint.Run) hands out the epochs and batches, and saves, resumes and stops the run.
+    learning rate lr_at(lr_policy, epoch), then scores the net on the whole training and validation sets.
+    conv1's filters are drawn every draw_every steps and after every epoch. `run` (run.Run) hands out the
+    epochs and the steps still to do, and records, saves, resumes and stops the run.
     """
     train_x, train_y = data['train_x'], data['train_y']
-    conv1 = net[0]
-    batches = run.batches(len(train_x), batch_size)
-    for epoch in run.epochs(epochs):
+    for epoch in run.epochs():
         lr = lr_at(lr_policy, epoch)
-        for batch in batches:
+        order = run.rng.permutation(len(train_x)) if shuffle else np.arange(len(train_x))  # the lab's shuffle_data
+        for step in run.steps():
+            batch = order[step * batch_size:(step + 1) * batch_size]
             x, y = train_x[batch], train_y[batch]
             logits = forward_pass(net, x)
             run.check_loss(loss.forward(logits, y))  # a NaN stops the run here, before it reaches the weights
             grads = backward_pass(net, loss, logits, y)
             sgd_update_params(grads, {'lr': lr})
             if run.step % draw_every == 0:
-                draw_conv_filters(epoch, run.step, conv1, run.dir)
-        train_loss, train_acc = evaluate(net, loss, train_x, train_y)
-        valid_loss, valid_acc = evaluate(net, loss, data['valid_x'], data['valid_y'])
-        run.end_epoch(lr=lr, train_loss=train_loss, train_acc=train_acc, valid_loss=valid_loss,
-                      valid_acc=valid_acc, reg_loss=regularization(loss))
-        draw_conv_filters(epoch, run.step, conv1, run.dir)
+                draw_conv_filters(epoch, run.step, net[0], run.dir)
+        run.end_epoch(lr=lr, train=evaluate(net, loss, train_x, train_y),
+                      valid=evaluate(net, loss, data['valid_x'], data['valid_y']), reg_loss=regularization(loss))
+        draw_conv_filters(epoch, run.step, net[0], run.dir)
 
 
 def evaluate(net, loss, x, y, batch_size=500):
-    """(mean data loss, accuracy) of the net on x (N, ...) and labels y (N,): forward passes only.
-
-    The data loss is the cross-entropy, without the L2 term of a RegularizedLoss (regularization() gives that).
-    """
+    """The net on x (N, ...) with labels y (N,), forward passes only -> metrics.scores(): mean data loss,
+    accuracy, confusion matrix, precision and recall. The data loss is the cross-entropy, without the L2 term
+    of a RegularizedLoss (regularization() gives that)."""
     data_loss = getattr(loss, 'data_loss', loss)
-    total_loss, correct = 0.0, 0
+    total_loss, predictions = 0.0, []
     for start in range(0, len(x), batch_size):
         logits = forward_pass(net, x[start:start + batch_size])
-        labels = y[start:start + batch_size]
-        total_loss += float(data_loss.forward(logits, labels)) * len(labels)
-        correct += int((logits.argmax(axis=1) == labels).sum())
-    return total_loss / len(x), correct / len(x)
+        total_loss += float(data_loss.forward(logits, y[start:start + batch_size])) * len(logits)
+        predictions.append(logits.argmax(axis=1))
+    return metrics.scores(y, np.concatenate(predictions), total_loss / len(x), net[-1].shape[1])
 
 
 def regularization(loss):
@@ -97,7 +96,8 @@ def regularization(loss):
 
 
 def draw_conv_filters(epoch, step, layer, save_dir):
-    """Saves the filters of a Convolution layer as '<name>_epoch_EE_step_SSSSSS.png' in save_dir."""
+    """The course's function: a Convolution layer's filters as '<name>_epoch_EE_step_SSSSSS.png' in save_dir
+    (plots.draw_conv_filters draws them)."""
     k = layer.kernel_size
     weights = layer.weights.reshape(layer.num_filters, layer.C, k, k)
     return plots.draw_conv_filters(epoch, step, weights, save_dir, prefix=layer.name)

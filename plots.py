@@ -90,17 +90,17 @@ def _save(fig, path, title=None):
 
 def history(records, keys=("train_loss", "valid_loss", "train_acc", "valid_acc", "lr", "reg_loss",
                            "valid_precision", "valid_recall")):
-    """checkpoint.Run's per-epoch records -> the lab's plot data: {key: [value of each epoch]}."""
+    """run.Run's per-epoch records -> the lab's plot data: {key: [value of each epoch]}."""
     return {key: [record[key] for record in records] for key in keys if records and key in records[0]}
 
 
 def plot_training_progress(save_dir, data, loss_name="Cross-entropy loss", title=None):
     """The lab's figure, saved as <save_dir>/training_plot.png: per epoch, the data loss and the accuracy
-    (train vs validation) and the learning rate; a fourth panel shows the validation macro precision and
-    recall where data has them, and the L2 term of the loss where it is on (not part of the loss panel).
+    (train vs validation) and the learning rate; a fourth panel shows the L2 term of the loss where it is on
+    (not part of the loss panel), else the validation macro precision and recall.
 
     data: lists keyed train_loss, valid_loss (the data loss alone), train_acc, valid_acc, lr, and
-    optionally reg_loss, valid_precision, valid_recall (history() makes it from checkpoint.Run's records).
+    optionally reg_loss, valid_precision, valid_recall (history() makes it from run.Run's records).
     """
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     l2 = any(data.get("reg_loss", []))
@@ -108,14 +108,14 @@ def plot_training_progress(save_dir, data, loss_name="Cross-entropy loss", title
                                                   ("Accuracy", "acc"), ("Learning rate", "lr")]):
         _plot_curves(ax, data, key, panel_title)
     ax = axes[1, 1]
-    if "valid_precision" in data:
+    if l2:
+        ax.plot(np.arange(1, len(data["reg_loss"]) + 1), data["reg_loss"], marker="o", color="tab:green")
+        _epoch_axis(ax, "L2 term (lambda/2) * sum of squared weights")
+    elif "valid_precision" in data:
         for key, color in (("valid_precision", "tab:blue"), ("valid_recall", "tab:orange")):
             ax.plot(np.arange(1, len(data[key]) + 1), data[key], marker="o", color=color, label=key.split("_")[-1])
         ax.legend()
         _epoch_axis(ax, "Validation macro-averaged precision and recall")
-    elif l2:
-        ax.plot(np.arange(1, len(data["reg_loss"]) + 1), data["reg_loss"], marker="o", color="tab:green")
-        _epoch_axis(ax, "L2 term (lambda/2) * sum of squared weights")
     else:
         ax.axis("off")
     return _save(fig, os.path.join(save_dir, "training_plot.png"), title)
@@ -195,7 +195,7 @@ def plot_run_comparison(path, histories, loss_titles, title=None):
     """Several runs side by side: validation accuracy of all runs in one panel, then each run's own
     loss (train and validation) in a panel of its own, since different losses have different scales.
 
-    histories: {run name: history as for plot_progress_2x2}; loss_titles: {run name: name of its loss}.
+    histories: {run name: history()'s dict}; loss_titles: {run name: name of its loss}.
     """
     fig, axes = plt.subplots(1, 1 + len(histories), figsize=(5 * (1 + len(histories)), 4))
     for name, history in histories.items():

@@ -1,7 +1,8 @@
 """Task 1's questions about the lab's net, answered from the layer objects themselves.
 
-    rows = model_summary(net)          # per layer: output shape, parameters, receptive field, memory
-    print(format_summary(rows))        # the table, then the memory for backprop both ways
+    rows = model_summary(net)                  # per layer: output shape, parameters, receptive field, memory
+    print(format_summary(rows))                # the table with totals
+    answers(rows, fast_rows)                   # the lab's questions answered in words, from these numbers
 """
 import numpy as np
 
@@ -16,6 +17,7 @@ def model_summary(net, batch_size=50):
     rf:          receptive field of one output unit in input pixels, per side (None: the whole input).
                  Propagated from the input: a k x k window over units `jump` pixels apart adds
                  (k - 1) * jump pixels, and a stride multiplies jump. Border units see part of it as padding.
+    jump:        how many input pixels apart the layer's neighbouring output units are (None after an FC)
     activations: values of the layer's output, the textbook's count of what backprop needs (each layer's
                  gradients need its input, which is the output below); 0 where the output is a view of
                  the input (Flatten), which takes no memory of its own
@@ -25,7 +27,7 @@ def model_summary(net, batch_size=50):
                  (float arrays scale with the dtype; masks and indices do not)
     """
     x = np.zeros((batch_size,) + tuple(net[0].input_shape[1:]), dtype=net[0].dtype)
-    rows = [{'name': 'input', 'shape': x.shape, 'params': 0, 'rf': 1, 'activations': x.size, 'kept': '-',
+    rows = [{'name': 'input', 'shape': x.shape, 'params': 0, 'rf': 1, 'jump': 1, 'activations': x.size, 'kept': '-',
              'bytes': {'float32': 0, 'float64': 0}}]
     rf, jump = 1, 1
     for layer in net:
@@ -37,15 +39,15 @@ def model_summary(net, batch_size=50):
         elif isinstance(layer, layers.MaxPooling):
             rf, jump = rf + (layer.pool_size - 1) * jump, jump * layer.stride
         elif isinstance(layer, layers.FC):
-            rf = None  # every output sees every input
-        rows.append({'name': layer.name, 'shape': out.shape, 'rf': rf,
+            rf = jump = None  # every output sees every input
+        rows.append({'name': layer.name, 'shape': out.shape, 'rf': rf, 'jump': jump,
                      'params': layer.weights.size + layer.bias.size if layer.has_params else 0,
                      'activations': 0 if np.shares_memory(out, x) else out.size,
                      'kept': ', '.join(f'{name} {value.dtype} {value.shape}' for name, value in kept.items()) or '-',
                      'bytes': _bytes_by_dtype(kept.values())})
         x = out
     # The loss's backward recomputes the softmax from the logits, which the training loop holds until then.
-    rows.append({'name': 'loss', 'shape': (), 'params': 0, 'rf': None, 'activations': 0,
+    rows.append({'name': 'loss', 'shape': (), 'params': 0, 'rf': None, 'jump': None, 'activations': 0,
                  'kept': f'logits {x.dtype} {x.shape}', 'bytes': _bytes_by_dtype([x])})
     return rows
 
@@ -89,19 +91,49 @@ def format_summary(rows):
     m = memory(rows)
     lines.append(f"{'total':9} {'':17} {sum(row['params'] for row in rows):>8,} {'':>15} {m['activations']:>11,} "
                  f"{human_bytes(m['kept_bytes']['float32']):>13} {human_bytes(m['kept_bytes']['float64']):>9}")
-    saved = m['im2col_values'] - m['conv_input_values']
-    lines += [
-        '', f"Memory for backprop at batch {m['batch_size']}:",
-        f"  textbook estimate: the activations, i.e. the input and every layer's output, each once: "
-        f"{m['activations']:,} values = {human_bytes(m['activations_bytes']['float32'])} in float32, "
-        f"{human_bytes(m['activations_bytes']['float64'])} in float64. Backprop needs them because every layer's "
-        f"gradients need its input (the output below it); a view (Flatten) takes no memory of its own.",
-        f"  this code keeps {human_bytes(m['kept_bytes']['float32'])} in float32 "
-        f"({human_bytes(m['kept_bytes']['float64'])} in float64): what each forward stores for its backward. "
-        f"The im2col columns repeat every input pixel once per kernel tap, so the convolutions' "
-        f"{m['conv_input_values']:,} input values become {m['im2col_values']:,} column entries "
-        f"({human_bytes(m['im2col_bytes']['float32'])} in float32); pooling keeps the indices of its maxima and "
-        f"ReLU a boolean mask instead of their outputs. Recomputing the columns from the inputs in "
-        f"backward_params would keep {saved:,} fewer values ({human_bytes(4 * saved)} in float32) "
-        f"for one more im2col per step."]
     return '\n'.join(lines)
+
+
+def receptive_field_steps(rows):
+    """How the receptive field grows, layer by layer: ['conv1 adds 4 x 1 = 4 (5x5)', ...]."""
+    steps = []
+    for previous, row in zip(rows, rows[1:]):
+        if row['rf'] is None:
+            break
+        if row['rf'] != previous['rf']:
+            added = row['rf'] - previous['rf']
+            steps.append(f"{row['name']} adds {added // previous['jump']} x {previous['jump']} = {added} "
+                         f"({row['rf']}x{row['rf']})")
+    return steps
+
+
+def answers(rows, fast_rows=None):
+    """The lab's questions about the net answered in words from model_summary's rows (and, given, those of the
+    fast layers): {'parameters': ..., 'receptive_field': ..., 'memory': ...}."""
+    m = memory(rows)
+    params = {row['name']: row['params'] for row in rows if row['params']}
+    biggest = max(params, key=params.get)
+    last_conv = [row for row in rows if row['name'].startswith('conv')][-1]
+    out = {'parameters': f"{sum(params.values()):,} parameters ({', '.join(f'{name} {count:,}' for name, count in params.items())}); "
+                         f"{biggest} holds {params[biggest] / sum(params.values()):.0%} of them.",
+           'receptive_field': f"A feature of {last_conv['name']} sees {last_conv['rf']}x{last_conv['rf']} input "
+                              f"pixels: " + '; '.join(receptive_field_steps(rows[:rows.index(last_conv) + 1])) + " (each k x k window over units "
+                              "`jump` pixels apart adds (k - 1) x jump pixels; a stride multiplies the jump)."}
+    saved = m['im2col_values'] - m['conv_input_values']
+    out['memory'] = (
+        f"Backprop at batch {m['batch_size']} needs the activations, the input and every layer's output once: "
+        f"{m['activations']:,} values = {human_bytes(m['activations_bytes']['float32'])} in float32 "
+        f"({human_bytes(m['activations_bytes']['float64'])} in float64); every layer's gradients need its input, "
+        f"the output below it, and a view (Flatten) takes no memory of its own. The textbook layers keep "
+        f"{human_bytes(m['kept_bytes']['float32'])} in float32 ({human_bytes(m['kept_bytes']['float64'])} in "
+        f"float64), what each forward stores for its backward: the im2col columns repeat every convolution input "
+        f"pixel once per kernel tap ({m['conv_input_values']:,} input values become {m['im2col_values']:,} column "
+        f"entries, {human_bytes(m['im2col_bytes']['float32'])} in float32), while pooling keeps the indices of its "
+        f"maxima and ReLU a boolean mask. Recomputing the columns in backward_params would keep {saved:,} fewer "
+        f"values ({human_bytes(4 * saved)} in float32) for one more im2col per step.")
+    if fast_rows is not None:
+        fast = memory(fast_rows)['kept_bytes']
+        out['memory'] += (f" The fast layers (fast_layers.py) keep {human_bytes(fast['float32'])} in float32 "
+                          f"({human_bytes(fast['float64'])} in float64): their convolutions copy each input pixel "
+                          f"once per kernel column, not once per tap.")
+    return out

@@ -3,7 +3,7 @@
     python train.py                    # the lab's run: 8 epochs of SGD, batch 50, lr 0.1 decaying 10x every 2 epochs
     python train.py --summary-only     # the model questions: shapes, parameters, receptive fields, memory, a sketch
     python train.py --limit 2000 --epochs 2   # a quick look
-    python train.py --layers textbook  # the same run with layers.py instead of its fast twins (fast_layers.py)
+    python train.py --layers fast      # the same run with the fast twins of layers.py (fast_layers.py)
     python train.py --resume runs/train-20261127-101500   # go on after Ctrl-C, a kill or a crash
 
 Writes into <save-dir>/<run-name>/: config.json (the command line, for --resume), summary.json and net.png
@@ -17,17 +17,18 @@ import os
 
 import numpy as np
 
-import checkpoint
 import cli
 import data
 import fast_layers
 import layers
+import metrics
 import nn
 import plots
 import summary
+from run import Run
 
 SCRIPT = 'train'
-LAYERS = {'fast': fast_layers, 'textbook': layers}
+LAYERS = {'textbook': layers, 'fast': fast_layers}
 
 # The lab's settings (the course's train.py): 8 epochs of plain SGD on mini-batches of 50, the learning
 # rate divided by 10 every two epochs.
@@ -58,72 +59,53 @@ def make_net(layers, batch_size=BATCH_SIZE, dtype=np.float32):
     return net
 
 
-def parse_lr_policy(text):
-    """'1:0.1,3:0.01' -> {1: 0.1, 3: 0.01}: each learning rate holds from its epoch until the next entry."""
-    policy = {}
-    try:
-        for item in text.split(','):
-            epoch, lr = item.split(':')
-            policy[int(epoch)] = float(lr)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not of the form 'epoch:lr,epoch:lr,...', e.g. {LR_POLICY}")
-    if 1 not in policy:
-        raise argparse.ArgumentTypeError(f"{text!r} must give a learning rate for epoch 1")
-    if min(policy) < 1 or not all(lr > 0 and math.isfinite(lr) for lr in policy.values()):
-        raise argparse.ArgumentTypeError(f"{text!r}: epochs must be >= 1 and learning rates positive")
-    return dict(sorted(policy.items()))
-
-
-def make_parser(description=__doc__):
-    """The flags of the MNIST scripts: train.py's, which train_l2reg.py and train_pytorch.py extend."""
-    parser = cli.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(parser, resume=True)
-    parser.add_argument('--epochs', type=cli.positive_int, default=EPOCHS, help=f'(default: {EPOCHS})')
-    parser.add_argument('--batch-size', type=cli.positive_int, default=BATCH_SIZE, help=f'(default: {BATCH_SIZE})')
-    parser.add_argument('--lr-policy', type=parse_lr_policy, default=parse_lr_policy(LR_POLICY),
-                        help=f"SGD learning rate per epoch as 'epoch:lr,...' (default: {LR_POLICY})")
-    parser.add_argument('--dtype', choices=['float32', 'float64'], default='float32', help='(default: float32)')
-    parser.add_argument('--limit', type=cli.positive_int, default=None,
-                        help='train on the first N training images only (quick runs)')
-    parser.add_argument('--no-shuffle', action='store_true',
-                        help='fixed data order: the same batches in every epoch and in every framework')
-    parser.add_argument('--valid-size', type=cli.positive_int, default=data.MNIST_VALID_SIZE,
-                        help=f'the last N training images are held out for validation (default: {data.MNIST_VALID_SIZE})')
-    parser.add_argument('--draw-every', type=cli.positive_int, default=100,
-                        help='draw the conv1 filters every N steps, and after every epoch (default: 100)')
-    parser.add_argument('--layers', choices=sorted(LAYERS), default='fast',
-                        help='fast: fast_layers.py; textbook: layers.py, the same results, slower (default: fast)')
+def make_parser():
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, *cli.RUN_FLAGS, 'epochs', 'batch_size', 'lr_policy', 'dtype', 'limit', 'no_shuffle',
+                  'valid_size', 'draw_every', 'layers', epochs=EPOCHS, batch_size=BATCH_SIZE, lr_policy=LR_POLICY,
+                  valid_size=data.MNIST_VALID_SIZE)
     parser.add_argument('--summary-only', action='store_true',
                         help='only answer the model questions (shapes, parameters, receptive fields, memory): '
                              'print them, write summary.json and the sketch net.png, and exit')
     return parser
 
 
-def check_args(args):
-    """What argparse cannot check alone, before any work."""
-    num_train = data.MNIST_TRAIN_SIZE + data.MNIST_VALID_SIZE - args.valid_size  # of the published files
+SUMMARY_FLAGS = {'summary_only', 'batch_size', 'dtype', 'save_dir', 'run_name', 'overwrite'}  # what it reads
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+    args = cli.parse_args(parser, SCRIPT, argv)
+    if args.summary_only:
+        cli.refuse_flags(parser, argv, 'with --summary-only', SUMMARY_FLAGS)
+    else:
+        check_mnist_args(args)
+    return args
+
+
+def check_mnist_args(args):
+    """What depends on MNIST's size (the published files'), checked before any work."""
+    num_train = data.MNIST_TRAIN_SIZE + data.MNIST_VALID_SIZE - args.valid_size
     if num_train <= 0:
         raise cli.UserError(f"--valid-size {args.valid_size} leaves no MNIST training images")
-    num_train = min(args.limit or num_train, num_train)
-    if args.batch_size > num_train:
-        raise cli.UserError(f"--batch-size {args.batch_size} is larger than the {num_train} training images"
-                            + (" left by --limit" if args.limit else ""))
+    cli.check_batch_size(args.batch_size, min(args.limit or num_train, num_train),
+                         "left by --limit" if args.limit else "of MNIST")
 
 
-def write_summary(args, run_dir):
-    """Task 1's questions answered from the net's layers: the table on stdout, summary.json and the sketch
-    net.png in run_dir. The memory question is about the lab's im2col design, so the summary runs the
-    textbook layers, with one line on what their fast twins keep instead."""
+def write_summary(args, run_dir, show=True):
+    """Task 1's questions answered from the net's layers: summary.json and the sketch net.png in run_dir, and
+    with `show` the table and the answers on stdout. The memory question is about the lab's im2col design,
+    so the summary runs the textbook layers, with one line on what their fast twins keep instead."""
     dtype = np.dtype(args.dtype).type
     rows = summary.model_summary(make_net(layers, args.batch_size, dtype), args.batch_size)
     fast_rows = summary.model_summary(make_net(fast_layers, args.batch_size, dtype), args.batch_size)
-    fast_kept = summary.memory(fast_rows)['kept_bytes']
-    print(f"The lab's net (layers.py, {args.dtype}) for a batch of {args.batch_size}:\n{summary.format_summary(rows)}\n"
-          f"  fast_layers.py keeps {summary.human_bytes(fast_kept['float32'])} in float32 "
-          f"({summary.human_bytes(fast_kept['float64'])} in float64): its convolutions copy each input pixel once "
-          f"per kernel column, not once per tap.")
+    answers = summary.answers(rows, fast_rows)
+    if show:
+        print(f"The lab's net (layers.py, {args.dtype}) for a batch of {args.batch_size}:\n"
+              f"{summary.format_summary(rows)}\n\n" + '\n'.join(answers.values()))
     cli.write_json(os.path.join(run_dir, 'summary.json'), {'layers': rows, 'memory': summary.memory(rows),
-                                                           'fast_layers_kept_bytes': fast_kept})
+                                                           'fast_layers_memory': summary.memory(fast_rows),
+                                                           'answers': answers})
     plots.draw_net(os.path.join(run_dir, 'net.png'), rows)
 
 
@@ -131,62 +113,71 @@ def load_data(args):
     """The lab's MNIST split in args.dtype, the training part cut to --limit images."""
     mnist = data.prepare_mnist(args.data_dir, np.dtype(args.dtype).type, valid_size=args.valid_size)
     mnist['train_x'], mnist['train_y'] = mnist['train_x'][:args.limit], mnist['train_y'][:args.limit]
-    if len(mnist['train_x']) < args.batch_size:
-        raise cli.UserError(f"--batch-size {args.batch_size} is larger than the {len(mnist['train_x'])} "
-                            f"training images in {args.data_dir}")
+    cli.check_batch_size(args.batch_size, len(mnist['train_x']), f"in {args.data_dir}")
     return mnist
 
 
 def initial_loss(net, loss, mnist):
     """The loss before training, on the validation set, with what the lab asks about it; a dict for results.json."""
-    valid_loss, valid_acc = nn.evaluate(net, loss, mnist['valid_x'], mnist['valid_y'])
+    valid = nn.evaluate(net, loss, mnist['valid_x'], mnist['valid_y'])
     reg_loss = nn.regularization(loss)
-    print(f"initial validation loss {valid_loss:.4f} (accuracy {valid_acc:.1%}), ln(10) = {math.log(10):.4f}"
-          + (f", plus {reg_loss:.4f} of L2" if reg_loss else "") + ":\n"
-          "  small random weights give small, nearly equal logits, so the softmax is about uniform "
-          "(1/10 per class) and the cross-entropy is -ln(1/10) = ln(10)")
-    return {'initial_loss': valid_loss, 'initial_reg_loss': reg_loss, 'initial_acc': valid_acc}
+    answer = (f"Before training the validation loss is {valid['loss']:.4f} (accuracy {valid['accuracy']:.1%}), "
+              f"close to ln C = ln 10 = {math.log(10):.4f}" + (f", plus {reg_loss:.4f} of L2" if reg_loss else "") +
+              ": small random weights give small, nearly equal logits, so the softmax is about uniform (1/C per "
+              "class) and the cross-entropy is -ln(1/C) = ln C.")
+    print(answer)
+    return {'initial_loss': valid['loss'], 'initial_reg_loss': reg_loss, 'initial_acc': valid['accuracy'],
+            'answers': {'initial_loss': answer}}
 
 
-def train_model(args, mnist, run_dir, make_loss=lambda net: layers.SoftmaxCrossEntropyWithLogits(), title='NumPy'):
+def train_model(args, mnist, run_dir, make_loss=lambda net: layers.SoftmaxCrossEntropyWithLogits(), title=None):
     """Builds the lab's net from args.seed and its loss (make_loss(net)), trains it with nn.train and tests it;
     writes everything into run_dir and returns (results, net). With --resume, a run that finished is read
     back and an unfinished one goes on from its checkpoint."""
     np.random.seed(args.seed)
     net = make_net(LAYERS[args.layers], args.batch_size, np.dtype(args.dtype).type)
     loss = make_loss(net)
-    run = checkpoint.Run(run_dir, args.seed, args.resume is not None, arrays=nn.parameters(net),
-                         results={'config': vars(args)}, shuffle=not args.no_shuffle)
+    run = Run(run_dir, args.seed, args.resume is not None, args.epochs, len(mnist['train_x']), args.batch_size,
+              arrays=nn.parameters(net), results={'script': f'{SCRIPT}.py', 'config': vars(args)})
     if run.finished:
-        print(f"{run_dir} finished already: test accuracy {run.results['test_acc']:.2%}")
+        print(f"{run_dir} finished already: test accuracy {run.results['test']['accuracy']:.2%}")
         return run.results, net
+    print(f"{args.layers} layers ({LAYERS[args.layers].__name__}.py), {args.dtype}")
     if not run.resumed:
         nn.save_params(net, os.path.join(run_dir, 'init_weights.npz'))
         nn.draw_conv_filters(0, 0, net[0], run_dir)
         run.results.update(initial_loss(net, loss, mnist))
 
-    nn.train(net, loss, mnist, run, args.epochs, args.batch_size, args.lr_policy, args.draw_every)
+    with np.errstate(over='ignore', invalid='ignore'):  # on the way to a NaN, run.check_loss says more
+        nn.train(net, loss, mnist, run, args.batch_size, args.lr_policy, not args.no_shuffle, args.draw_every)
 
-    test_loss, test_acc = nn.evaluate(net, loss, mnist['test_x'], mnist['test_y'])
+    test = nn.evaluate(net, loss, mnist['test_x'], mnist['test_y'])
     nn.save_params(net, os.path.join(run_dir, 'weights.npz'))
-    plots.plot_training_progress(run_dir, plots.history(run.results['epochs']), title=title)
-    run.finish(test_loss=test_loss, test_acc=test_acc)
-    print(f"test accuracy {test_acc:.2%} (loss {test_loss:.4f}); {run.results['seconds_per_epoch']:.1f} s per "
-          f"epoch; results in {run_dir}")
+    plots.plot_training_progress(run_dir, plots.history(run.results['epochs']),
+                                 title=title or f"NumPy framework, {args.layers} layers")
+    run.finish(test=summary_of(test))
+    print(f"test accuracy {test['accuracy']:.2%} (loss {test['loss']:.4f}); {run.results['seconds_per_epoch']:.1f} s "
+          f"per epoch; results in {run_dir}")
     return run.results, net
 
 
+def summary_of(scores):
+    """evaluate()'s scores of MNIST as results.json keeps them (metrics.summary, the classes named by digit)."""
+    return metrics.summary(scores, [str(digit) for digit in range(10)])
+
+
 def main(argv=None):
-    args = cli.parse_args(make_parser(), SCRIPT, argv)
-    check_args(args)
+    args = parse_args(argv)
     mnist = None if args.summary_only else load_data(args)
-    run_dir = cli.open_run_dir(args, SCRIPT, argv)
-    if args.resume is None:  # a resumed run has it, and its folder must not change before its checkpoint is read
-        write_summary(args, run_dir)
-    if args.summary_only:
-        return
-    with cli.resume_hint(SCRIPT, run_dir):
+    with cli.run_folder(args, SCRIPT, argv) as run_dir:
+        if args.summary_only:
+            write_summary(args, run_dir)
+            return
+        if args.resume is None:
+            write_summary(args, run_dir, show=False)
         train_model(args, mnist, run_dir)
+        if not os.path.exists(os.path.join(run_dir, 'net.png')):  # a run killed before it had its summary
+            write_summary(args, run_dir, show=False)
 
 
 if __name__ == '__main__':

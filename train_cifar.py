@@ -34,43 +34,42 @@ Writes into <save-dir>/<run-name>/:
 import argparse
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 import checkpoint
 import cli
 import data
 import metrics
 import plots
+from run import Run
 
 SCRIPT = 'train_cifar'
-EPOCHS, BATCH_SIZE, LR, GAMMA, WEIGHT_DECAY, PADDING = 8, 50, 0.1, 0.7, 1e-3, 2
+EPOCHS, BATCH_SIZE, LR, GAMMA, WEIGHT_DECAY, PADDING, VALID_SIZE = 8, 50, 0.1, 0.7, 1e-3, 2, 5000
 
 
-def make_parser(description=__doc__):
-    """train_cifar.py's flags; hinge_loss.py adds its own to them."""
-    parser = cli.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(parser, resume=True)
-    parser.add_argument('--epochs', type=cli.positive_int, default=EPOCHS, help=f'(default: {EPOCHS})')
-    parser.add_argument('--batch-size', type=cli.positive_int, default=BATCH_SIZE, help=f'(default: {BATCH_SIZE})')
-    parser.add_argument('--lr', type=cli.positive_float, default=LR,
-                        help=f'SGD learning rate of the first epoch (default: {LR})')
-    parser.add_argument('--gamma', type=cli.positive_float, default=GAMMA,
-                        help=f'ExponentialLR: the learning rate is multiplied by this after every epoch (default: {GAMMA})')
-    parser.add_argument('--weight-decay', type=cli.non_negative_float, default=WEIGHT_DECAY,
-                        help=f'L2 lambda on the conv and fc weights, as SGD weight decay (default: {WEIGHT_DECAY})')
-    parser.add_argument('--padding', type=int, choices=[0, 1, 2], default=PADDING,
-                        help=f'zero padding of both 5x5 convolutions; 2 keeps 32x32 maps (default: {PADDING})')
-    parser.add_argument('--valid-size', type=cli.positive_int, default=5000,
-                        help='random training images (seeded) held out for validation (default: 5000)')
-    parser.add_argument('--limit', type=cli.positive_int, default=None,
-                        help='train on the first N training images only (quick runs)')
-    parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
-                        help='auto: the GPU if there is one, else the CPU (default: auto)')
+def make_parser():
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, *cli.RUN_FLAGS, 'device', 'epochs', 'batch_size', 'lr', 'gamma', 'weight_decay', 'padding',
+                  'valid_size', 'limit', epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, gamma=GAMMA,
+                  weight_decay=WEIGHT_DECAY, padding=PADDING, valid_size=VALID_SIZE)
     return parser
+
+
+def parse_args(argv=None):
+    """The flags, with what depends on CIFAR-10's size checked before any work."""
+    args = cli.parse_args(make_parser(), SCRIPT, argv)
+    check_cifar_args(args)
+    return args
+
+
+def check_cifar_args(args):
+    num_train = data.CIFAR_TRAIN_SIZE - args.valid_size
+    if num_train <= 0:
+        raise cli.UserError(f"--valid-size {args.valid_size} leaves no CIFAR-10 training images")
+    cli.check_batch_size(args.batch_size, min(args.limit or num_train, num_train),
+                         "left by --limit" if args.limit else "of CIFAR-10")
 
 
 class ConvNet(nn.Module):
@@ -103,9 +102,7 @@ def load_data(args, device):
                ('train_x', 'train_y', 'valid_x', 'valid_y', 'test_x', 'test_y')}
     if args.limit:
         dataset['train_x'], dataset['train_y'] = dataset['train_x'][:args.limit], dataset['train_y'][:args.limit]
-    if len(dataset['train_y']) < args.batch_size:
-        raise cli.UserError(f"--batch-size {args.batch_size} is larger than the {len(dataset['train_y'])} "
-                            f"training images")
+    cli.check_batch_size(args.batch_size, len(dataset['train_y']), f"in {args.data_dir}")
     dataset.update({key: prepared[key] for key in ('mean', 'std', 'class_names', 'originals')})
     # every number measured on the stand-in must say so
     dataset['name'] = 'CIFAR-10' if prepared['originals'] else 'CIFAR-10 (JPEG stand-in)'
@@ -114,24 +111,6 @@ def load_data(args, device):
           f"{len(dataset['train_x'])} training, {len(dataset['valid_x'])} validation, "
           f"{len(dataset['test_x'])} test images, on {device}")
     return dataset
-
-
-def train_epoch(model, loader, optimizer, loss_fn, run):
-    """One epoch of SGD on the loader's mini-batches."""
-    model.train()
-    for x, y in loader:
-        loss = loss_fn(model(x), y)
-        run.check_loss(loss)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
-def evaluate(model, x, y, loss_fn):
-    """The lab's evaluate: forward passes only (torch.no_grad), the confusion matrix of the predicted and true
-    classes, and from it accuracy and per-class and macro precision and recall; also the mean loss.
-    x (N, 3, 32, 32), y (N,) -> metrics.scores_from_logits' dict."""
-    return metrics.evaluate(model, x, y, loss_fn)
 
 
 def worst_mistakes(logits, y, loss_fn, class_names, count=20):
@@ -151,6 +130,37 @@ def format_mistake(mistake):
     return f"{mistake['index']:5d}: {mistake['true']:10s} loss {mistake['loss']:7.3f}; top 3: {top3}"
 
 
+def train(model, optimizer, scheduler, dataset, run, batch_size, loss_fn, loss_name):
+    """The lab's loop: every epoch a new order of the training images, SGD on its mini-batches, then evaluate()
+    on the training and validation sets; the best-validation model is kept in best_model.pt."""
+    train_x, train_y = dataset['train_x'], dataset['train_y']
+    for epoch in run.epochs():
+        lr = scheduler.get_last_lr()[0]
+        order = torch.from_numpy(run.rng.permutation(len(train_y))).to(train_y.device)  # the lab's shuffle_data
+        model.train()
+        for step in run.steps():
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            loss = loss_fn(model(train_x[batch]), train_y[batch])
+            run.check_loss(loss)  # a NaN stops the run here, before it reaches the weights
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        train_scores = metrics.evaluate(model, train_x, train_y, loss_fn)
+        valid = metrics.evaluate(model, dataset['valid_x'], dataset['valid_y'], loss_fn)
+        run.check_loss(train_scores['loss'])  # a diverged model stops here, before best_model.pt is written
+        if valid['accuracy'] > run.results.get('best_valid_acc', -1):
+            run.results.update(best_epoch=epoch, best_valid_acc=valid['accuracy'])
+            checkpoint.save_torch(os.path.join(run.dir, BEST), {k: v.cpu() for k, v in model.state_dict().items()})
+        plots.draw_conv_filters(epoch, run.step, model.conv1.weight.detach().cpu().numpy(), run.dir)
+        run.end_epoch(lr=lr, train=train_scores, valid=valid)
+        plots.plot_training_progress(run.dir, plots.history(run.results['epochs']), loss_name,
+                                     title=f"{dataset['name']}, {loss_name.lower()}")
+
+
+BEST = 'best_model.pt'
+
+
 def train_model(args, dataset, run_dir, loss_fn=F.cross_entropy, loss_name='Cross-entropy loss'):
     """Trains, evaluates and tests one model with loss_fn(logits, y, reduction='mean'|'none'); writes run_dir;
     returns the results. With --resume, a finished run is read back and an unfinished one goes on."""
@@ -163,36 +173,18 @@ def train_model(args, dataset, run_dir, loss_fn=F.cross_entropy, loss_name='Cros
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.gamma)
     data_info = {key: dataset[key] for key in ('name', 'originals', 'mean', 'std')} | {
         f'num_{split}': len(dataset[f'{split}_y']) for split in ('train', 'valid', 'test')}
-    run = checkpoint.Run(run_dir, args.seed, args.resume is not None,
-                         results={'config': vars(args), 'data': data_info, 'loss': loss_name},
-                         state_dicts={'model': model, 'optimizer': optimizer, 'scheduler': scheduler})
+    run = Run(run_dir, args.seed, args.resume is not None, args.epochs, len(dataset['train_y']), args.batch_size,
+              state_dicts={'model': model, 'optimizer': optimizer, 'scheduler': scheduler},
+              results={'script': f'{SCRIPT}.py', 'config': vars(args), 'data': data_info, 'loss': loss_name})
     if run.finished:
         print(f"{run_dir} finished already: test accuracy {run.results['test']['accuracy']:.2%}")
         return run.results
-    loader = DataLoader(TensorDataset(dataset['train_x'], dataset['train_y']), batch_size=None,
-                        sampler=run.batches(len(dataset['train_y']), args.batch_size))
-    best_path = os.path.join(run_dir, 'best_model.pt')
     if not run.resumed:
         plots.draw_conv_filters(0, 0, model.conv1.weight.detach().cpu().numpy(), run_dir)
 
-    for epoch in run.epochs(args.epochs):
-        lr = scheduler.get_last_lr()[0]
-        train_epoch(model, loader, optimizer, loss_fn, run)
-        scheduler.step()
-        train_scores = evaluate(model, dataset['train_x'], dataset['train_y'], loss_fn)
-        valid_scores = evaluate(model, dataset['valid_x'], dataset['valid_y'], loss_fn)
-        run.check_loss(train_scores['loss'])  # a diverged model stops here, before best_model.pt is written
-        if valid_scores['accuracy'] > run.results.get('best_valid_acc', -1):
-            run.results.update(best_epoch=epoch, best_valid_acc=valid_scores['accuracy'])
-            checkpoint.save_torch(best_path, {name: value.cpu() for name, value in model.state_dict().items()})
-        plots.draw_conv_filters(epoch, run.step, model.conv1.weight.detach().cpu().numpy(), run_dir)
-        run.end_epoch(lr=lr, **{f'{split}_{key}': scores[metric] for split, scores in (('train', train_scores),
-                                                                                      ('valid', valid_scores))
-                                for key, metric in (('loss', 'loss'), ('acc', 'accuracy'),
-                                                    ('precision', 'macro_precision'), ('recall', 'macro_recall'))})
-        plots.plot_training_progress(run_dir, plots.history(run.results['epochs']), loss_name,
-                                     title=f"{dataset['name']}, {loss_name.lower()}")
+    train(model, optimizer, scheduler, dataset, run, args.batch_size, loss_fn, loss_name)
 
+    best_path = os.path.join(run_dir, BEST)
     checkpoint.load_state_dict(model, checkpoint.load_torch(best_path), best_path)
     test(model, dataset, run, loss_fn, loss_name)
     return run.results
@@ -226,10 +218,9 @@ def test(model, dataset, run, loss_fn, loss_name):
 
 
 def main(argv=None):
-    args = cli.parse_args(make_parser(), SCRIPT, argv)
+    args = parse_args(argv)
     dataset = load_data(args, cli.torch_device(args.device))
-    run_dir = cli.open_run_dir(args, SCRIPT, argv)
-    with cli.resume_hint(SCRIPT, run_dir):
+    with cli.run_folder(args, SCRIPT, argv) as run_dir:
         train_model(args, dataset, run_dir)
 
 

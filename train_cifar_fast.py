@@ -122,11 +122,9 @@ def widths(text):
 
 def make_parser():
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_args(parser)
+    cli.add_flags(parser, 'data_dir', 'save_dir', 'run_name', 'overwrite', 'seed', 'device')
     parser.add_argument('--preset', choices=sorted(PRESETS), default='cpu',
                         help='defaults for the options below; explicit options override them (default: cpu)')
-    parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
-                        help='auto: the GPU if there is one, else the CPU (default: auto)')
     parser.add_argument('--widths', type=widths, help='channels of the three blocks, e.g. 64,128,256')
     parser.add_argument('--batch-size', type=cli.positive_int, help='global mini-batch size (all processes together)')
     parser.add_argument('--optimizer', choices=['sgd', 'muon'],

@@ -17,6 +17,7 @@ import numpy as np
 
 import checkpoint
 import cli
+import data
 import layers
 import nn
 import plots
@@ -34,11 +35,12 @@ def regularized_loss(net, weight_decay, layer_names=('conv1', 'conv2', 'fc3')):
     return layers.RegularizedLoss(layers.SoftmaxCrossEntropyWithLogits(), regularizers)
 
 
-def make_parser(description=__doc__):
-    """train.py's flags, plus --weight-decay and --sweep (train_pytorch.py uses these too)."""
-    parser = train.make_parser(description)
-    parser.add_argument('--weight-decay', type=cli.non_negative_float, default=WEIGHT_DECAY,
-                        help=f'L2 lambda on the conv1, conv2 and fc3 weights (default: {WEIGHT_DECAY})')
+def make_parser():
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, *cli.RUN_FLAGS, 'epochs', 'batch_size', 'lr_policy', 'dtype', 'limit', 'no_shuffle',
+                  'valid_size', 'draw_every', 'layers', 'weight_decay', epochs=train.EPOCHS,
+                  batch_size=train.BATCH_SIZE, lr_policy=train.LR_POLICY, valid_size=data.MNIST_VALID_SIZE,
+                  weight_decay=WEIGHT_DECAY)
     parser.add_argument('--sweep', type=cli.non_negative_float, nargs='*', default=None,
                         help=f"train one model per lambda and compare them (no values: the lab's {SWEEP})")
     return parser
@@ -72,7 +74,8 @@ def sweep(args, run_dir, train_one):
         results, params = train_one(argparse.Namespace(**{**vars(args), 'weight_decay': weight_decay}), sub_dir)
         last = results['epochs'][-1]
         filters.append(conv1_filters(params))
-        rows.append({'weight_decay': weight_decay, 'valid_acc': last['valid_acc'], 'test_acc': results['test_acc'],
+        rows.append({'weight_decay': weight_decay, 'valid_acc': last['valid_acc'],
+                     'test_acc': results['test']['accuracy'],
                      'train_loss': last['train_loss'], 'reg_loss': last['reg_loss'],
                      'conv1_mean_abs_weight': float(np.abs(filters[-1]).mean()), 'run_dir': sub_dir})
     init_filters = conv1_filters(checkpoint.load_npz(os.path.join(rows[0]['run_dir'], 'init_weights.npz')))
@@ -84,7 +87,7 @@ def sweep(args, run_dir, train_one):
                   f"{np.abs(init_filters).mean():.4f}."]
     print('\n'.join(lines))
     cli.write_text(os.path.join(run_dir, 'sweep.md'), '\n'.join(lines) + '\n')
-    cli.write_json(os.path.join(run_dir, 'sweep.json'), rows)
+    cli.write_json(os.path.join(run_dir, 'sweep.json'), {'rows': rows, 'table': '\n'.join(lines)})
     panels = [('random init', init_filters)] + [
         (f"lambda = {r['weight_decay']:g}\nmean |w| {r['conv1_mean_abs_weight']:.3f}, test {r['test_acc']:.2%}",
          row_filters) for r, row_filters in zip(rows, filters)]
@@ -95,21 +98,17 @@ def sweep(args, run_dir, train_one):
 
 def main(argv=None):
     args = cli.parse_args(make_parser(), SCRIPT, argv)
-    train.check_args(args)
+    train.check_mnist_args(args)
     lambdas = sweep_lambdas(args)
-    mnist = None if args.summary_only else train.load_data(args)
-    run_dir = cli.open_run_dir(args, SCRIPT, argv)
-    if args.resume is None:  # a resumed run has it, and its folder must not change before its checkpoint is read
-        train.write_summary(args, run_dir)
-    if args.summary_only:
-        return
+    mnist = train.load_data(args)
 
     def train_one(run_args, sub_dir):
         results, net = train.train_model(run_args, mnist, sub_dir,
                                          lambda net: regularized_loss(net, run_args.weight_decay),
-                                         title=f'NumPy, lambda = {run_args.weight_decay:g}')
+                                         title=f'NumPy framework, {run_args.layers} layers, lambda = '
+                                               f'{run_args.weight_decay:g}')
         return results, nn.parameters(net)
-    with cli.resume_hint(SCRIPT, run_dir):
+    with cli.run_folder(args, SCRIPT, argv) as run_dir:
         if lambdas is None:
             train_one(args, run_dir)
         else:

@@ -9,8 +9,11 @@ regularisation as the NumPy framework, so the two can be compared number for num
     python train_pytorch.py --init-from runs/<numpy-run>/init_weights.npz   # start from NumPy's weights
     python train_pytorch.py --resume runs/<run-name>     # go on after Ctrl-C or a kill
 
-The batches are the NumPy scripts' own: the same seed gives the same order (checkpoint.Run), so with
---init-from the two frameworks start from the same weights and take the same steps.
+The batches are the NumPy scripts' own: the same seed gives the same order (run.Run's rng), so with
+--init-from the two frameworks start from the same weights and take the same steps. The lab recommends
+torch.utils.data.DataLoader; with the whole data set as tensors in memory, indexing them with a permutation
+is what DataLoader(TensorDataset(x, y), batch_size, shuffle=True) does, without collating every batch from
+single images, and it gives both frameworks the same batches.
 
 L2 regularisation is SGD's weight_decay on the conv1, conv2 and fc3 weights: weight_decay * w added to
 the gradient is exactly the gradient of the NumPy framework's (weight_decay / 2) * sum(w**2) loss term.
@@ -21,6 +24,7 @@ Writes into <save-dir>/<run-name>/ what train.py writes (weights in the NumPy fr
 so weights move both ways), plus log.csv, TensorBoard logs with --tensorboard, and checkpoint.pt
 (torch.load(..., weights_only=True) reads it), from which --resume continues bit for bit.
 """
+import argparse
 import csv
 import io
 import os
@@ -30,25 +34,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import checkpoint
 import cli
 import data
+import metrics
 import nn as numpy_nn
 import plots
-import train
+import train as task1
 import train_l2reg
+from run import Run
 
 SCRIPT = 'train_pytorch'
 COMPARE_TOLERANCE = 1e-8  # relative, in float64
-EVAL_BATCH_SIZE = 1000     # evaluation needs no gradients, so bigger batches only save time
+# What --compare-numpy reads: its own steps and layers, and the first SGD step's settings.
+COMPARE_FLAGS = {'compare_numpy', 'steps', 'layers', 'batch_size', 'lr_policy', 'weight_decay', 'seed', 'data_dir',
+                 'valid_size', 'save_dir', 'run_name', 'overwrite', 'device'}
 
 
-def parse_args(argv=None):
-    parser = train_l2reg.make_parser(__doc__.split('\n\n')[0])
-    parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
-                        help='auto: the GPU if there is one, else the CPU (default: auto)')
+def make_parser():
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, *cli.RUN_FLAGS, 'device', 'epochs', 'batch_size', 'lr_policy', 'dtype', 'limit',
+                  'no_shuffle', 'valid_size', 'draw_every', 'weight_decay', epochs=task1.EPOCHS,
+                  batch_size=task1.BATCH_SIZE, lr_policy=task1.LR_POLICY, valid_size=data.MNIST_VALID_SIZE,
+                  weight_decay=train_l2reg.WEIGHT_DECAY)
+    parser.add_argument('--sweep', type=cli.non_negative_float, nargs='*', default=None,
+                        help=f"train one model per lambda and compare them (no values: the lab's {train_l2reg.SWEEP})")
     parser.add_argument('--tensorboard', action='store_true',
                         help='also log losses, accuracies, lr and conv1 filters to <run-dir>/tensorboard')
     parser.add_argument('--init-from', metavar='NPZ', default=None,
@@ -58,8 +69,22 @@ def parse_args(argv=None):
                         help='train the NumPy and the PyTorch model side by side in float64 from the same weights '
                              'on the same batches, print both losses per step, exit 1 if they differ')
     parser.add_argument('--steps', type=cli.positive_int, default=50,
-                        help='SGD steps for --compare-numpy (default: 50)')
-    return cli.parse_args(parser, SCRIPT, argv)
+                        help='SGD steps of --compare-numpy (default: %(default)s)')
+    parser.add_argument('--layers', choices=sorted(task1.LAYERS), default='textbook',
+                        help='the NumPy layers --compare-numpy runs: layers.py (textbook) or fast_layers.py (fast) '
+                             '(default: %(default)s)')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+    args = cli.parse_args(parser, SCRIPT, argv)
+    if args.compare_numpy:
+        cli.refuse_flags(parser, argv, 'with --compare-numpy', COMPARE_FLAGS)
+    else:
+        cli.refuse_flags(parser, argv, 'without --compare-numpy', set(vars(args)) - {'steps', 'layers'})
+    task1.check_mnist_args(args)
+    return args
 
 
 # ----------------------------------------------------------------------------- the model
@@ -124,7 +149,7 @@ def numpy_params(model):
 
 
 @torch.no_grad()
-def load_params(model, params, source):
+def load_numpy_layout(model, params, source):
     """Copies NumPy-layout arrays into the model; a missing key or a wrong shape is a UserError naming both."""
     arrays = {key: np.empty_like(value) for key, value in numpy_params(model).items()}
     checkpoint.copy_arrays(arrays, params, source)  # checks every key and shape
@@ -133,38 +158,32 @@ def load_params(model, params, source):
         layer.bias.copy_(torch.from_numpy(arrays[f'{name}.bias']))
 
 
-# ----------------------------------------------------------------------------- training and evaluation
+# ----------------------------------------------------------------------------- training
 
-def make_loader(x, y, sampler):
-    """Mini-batches of in-memory tensors. The sampler yields a whole batch of indices at a time, so a
-    batch is one indexing operation instead of batch_size __getitem__ calls and a collate."""
-    return DataLoader(TensorDataset(x, y), sampler=sampler, batch_size=None)
-
-
-def train_epoch(model, loader, optimizer, run, draw_every, writer=None):
-    """One epoch of SGD on the loader's mini-batches; conv1's filters drawn every draw_every steps."""
-    model.train()
-    for x, y in loader:
-        loss = F.cross_entropy(model(x), y)
-        run.check_loss(loss)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if run.step % draw_every == 0:
-            draw_filters(model, run, writer)
-
-
-@torch.no_grad()
-def evaluate(model, loader):
-    """(mean cross-entropy, accuracy) over every batch of the loader: forward passes only."""
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for x, y in loader:
-        logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction='sum').item()
-        correct += (logits.argmax(1) == y).sum().item()
-        count += len(y)
-    return total_loss / count, correct / count
+def train(model, optimizer, scheduler, tensors, run, batch_size, shuffle=True, draw_every=100, writer=None):
+    """The lab's loop: every epoch a new order of the training images, SGD on its mini-batches, then the
+    scores of the whole training and validation sets (metrics.evaluate); conv1's filters are drawn every
+    draw_every steps and, with the loss, saved after every epoch (log.csv)."""
+    train_x, train_y = tensors['train']
+    for epoch in run.epochs():
+        lr = optimizer.param_groups[0]['lr']
+        order = run.rng.permutation(len(train_y)) if shuffle else np.arange(len(train_y))  # the lab's shuffle_data
+        order = torch.from_numpy(order).to(train_y.device)
+        model.train()
+        for step in run.steps():
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
+            run.check_loss(loss)  # a NaN stops the run here, before it reaches the weights
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if run.step % draw_every == 0:
+                draw_filters(model, run, writer)
+        scheduler.step()
+        run.end_epoch(lr=lr, train=metrics.evaluate(model, *tensors['train']),
+                      valid=metrics.evaluate(model, *tensors['valid']), reg_loss=reg_loss(optimizer))
+        draw_filters(model, run, writer)
+        write_log(os.path.join(run.dir, 'log.csv'), run.results['epochs'], writer)
 
 
 def draw_filters(model, run, writer=None):
@@ -181,59 +200,44 @@ def train_model(args, tensors, run_dir, device):
     cli.seed_everything(args.seed)
     model = LabMnistNet().to(device=device, dtype=getattr(torch, args.dtype))
     if args.init_from:
-        load_params(model, checkpoint.load_npz(args.init_from), f"--init-from {args.init_from}")
+        load_numpy_layout(model, checkpoint.load_npz(args.init_from), f"--init-from {args.init_from}")
     optimizer = make_optimizer(model, args.lr_policy[1], args.weight_decay)
     # LambdaLR counts epochs from 0 and scales the initial lr; the policy counts from 1 and gives absolute values.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: numpy_nn.lr_at(args.lr_policy, epoch + 1) / args.lr_policy[1])
-    run = checkpoint.Run(run_dir, args.seed, args.resume is not None, results={'config': vars(args)},
-                         state_dicts={'model': model, 'optimizer': optimizer, 'scheduler': scheduler},
-                         shuffle=not args.no_shuffle)
+    run = Run(run_dir, args.seed, args.resume is not None, args.epochs, len(tensors['train'][1]), args.batch_size,
+              state_dicts={'model': model, 'optimizer': optimizer, 'scheduler': scheduler},
+              results={'script': f'{SCRIPT}.py', 'config': vars(args)})
     if run.finished:
-        print(f"{run_dir} finished already: test accuracy {run.results['test_acc']:.2%}")
+        print(f"{run_dir} finished already: test accuracy {run.results['test']['accuracy']:.2%}")
         return run.results, model
-    train_loader = make_loader(*tensors['train'], run.batches(len(tensors['train'][1]), args.batch_size))
-    eval_loaders = {name: make_loader(*tensors[name], _in_order(len(tensors[name][1]))) for name in tensors}
     writer = None
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow to import
         writer = SummaryWriter(os.path.join(run_dir, 'tensorboard'))
     if not run.resumed:
-        save_params(model, os.path.join(run_dir, 'init_weights.npz'))
+        save_numpy_layout(model, os.path.join(run_dir, 'init_weights.npz'))
         draw_filters(model, run, writer)
-        valid_loss, valid_acc = evaluate(model, eval_loaders['valid'])
-        run.results.update(initial_loss=valid_loss, initial_reg_loss=reg_loss(optimizer), initial_acc=valid_acc)
-        print(f"initial validation loss {valid_loss:.4f} (ln 10 = {np.log(10):.4f}), "
+        valid = metrics.evaluate(model, *tensors['valid'])
+        run.results.update(initial_loss=valid['loss'], initial_reg_loss=reg_loss(optimizer),
+                           initial_acc=valid['accuracy'])
+        print(f"initial validation loss {valid['loss']:.4f} (ln 10 = {np.log(10):.4f}), "
               f"plus {reg_loss(optimizer):.4f} of L2")
 
-    for epoch in run.epochs(args.epochs):
-        lr = optimizer.param_groups[0]['lr']
-        train_epoch(model, train_loader, optimizer, run, args.draw_every, writer)
-        scheduler.step()
-        train_loss, train_acc = evaluate(model, eval_loaders['train'])
-        valid_loss, valid_acc = evaluate(model, eval_loaders['valid'])
-        run.end_epoch(lr=lr, train_loss=train_loss, train_acc=train_acc, valid_loss=valid_loss,
-                      valid_acc=valid_acc, reg_loss=reg_loss(optimizer))
-        draw_filters(model, run, writer)
-        write_log(os.path.join(run_dir, 'log.csv'), run.results['epochs'], writer)
+    train(model, optimizer, scheduler, tensors, run, args.batch_size, not args.no_shuffle, args.draw_every, writer)
 
-    test_loss, test_acc = evaluate(model, eval_loaders['test'])
-    save_params(model, os.path.join(run_dir, 'weights.npz'))
+    test = metrics.evaluate(model, *tensors['test'])
+    save_numpy_layout(model, os.path.join(run_dir, 'weights.npz'))
     plots.plot_training_progress(run_dir, plots.history(run.results['epochs']),
                                  title=f"PyTorch, lambda = {args.weight_decay:g}")
-    run.finish(test_loss=test_loss, test_acc=test_acc)
+    run.finish(test=task1.summary_of(test))
     if writer is not None:
         writer.close()
-    print(f"test accuracy {test_acc:.2%}; results in {run_dir}")
+    print(f"test accuracy {test['accuracy']:.2%}; results in {run_dir}")
     return run.results, model
 
 
-def _in_order(num_items, batch_size=EVAL_BATCH_SIZE):
-    """Index batches 0..num_items-1 in order, the last one possibly short: a sampler for evaluation."""
-    return [np.arange(start, min(start + batch_size, num_items)) for start in range(0, num_items, batch_size)]
-
-
-def save_params(model, path):
+def save_numpy_layout(model, path):
     """Writes the weights in the layout of nn.save_params, atomically."""
     checkpoint.save_npz(path, numpy_params(model))
 
@@ -277,10 +281,10 @@ def compare_with_numpy(x, y, steps, batch_size, lr, weight_decay, seed, layers, 
     if len(x) < steps * batch_size:
         raise cli.UserError(f"--compare-numpy needs {steps} x {batch_size} training images, there are {len(x)}")
     np.random.seed(seed)
-    net = train.make_net(layers, batch_size, np.float64)
+    net = task1.make_net(layers, batch_size, np.float64)
     loss = train_l2reg.regularized_loss(net, weight_decay)
     model = LabMnistNet().to(device=device, dtype=torch.float64)
-    load_params(model, numpy_nn.parameters(net), 'the NumPy net')
+    load_numpy_layout(model, numpy_nn.parameters(net), 'the NumPy net')
     optimizer = make_optimizer(model, lr, weight_decay)
 
     rows = []
@@ -316,7 +320,7 @@ def run_comparison(args, device, argv=None):
     print("loss = cross-entropy + (lambda/2) * sum of squared conv1, conv2, fc3 weights, before each step "
           "(PyTorch: the L2 gradient comes from SGD's weight_decay, the L2 term is computed for reporting)")
     rows, weight_diffs = compare_with_numpy(mnist['train_x'], mnist['train_y'], args.steps, args.batch_size,
-                                            lr, args.weight_decay, args.seed, train.LAYERS[args.layers], device)
+                                            lr, args.weight_decay, args.seed, task1.LAYERS[args.layers], device)
     print(f"{'step':>5} {'numpy loss':>22} {'torch loss':>22} {'rel diff':>10}")
     for step, numpy_loss, torch_loss, diff in rows:
         print(f"{step:5d} {numpy_loss:22.16f} {torch_loss:22.16f} {diff:10.2e}")
@@ -328,17 +332,17 @@ def run_comparison(args, device, argv=None):
     verdict = 'EQUAL' if max(worst_loss, worst_weight) <= COMPARE_TOLERANCE else 'DIFFERENT'
     print(f"max rel diff: loss {worst_loss:.2e}, weights {worst_weight:.2e} "
           f"(tolerance {COMPARE_TOLERANCE:g}) -> {verdict}")
-    run_dir = cli.open_run_dir(args, SCRIPT, argv)  # only now: too few images for --steps must leave no folder
-    cli.write_json(os.path.join(run_dir, 'compare_numpy.json'), {
-        'config': vars(args), 'steps': [dict(zip(('step', 'numpy_loss', 'torch_loss', 'rel_diff'), row)) for row in rows],
-        'weight_rel_diffs': weight_diffs, 'max_loss_rel_diff': worst_loss, 'max_weight_rel_diff': worst_weight,
-        'tolerance': COMPARE_TOLERANCE, 'verdict': verdict})
+    with cli.run_folder(args, SCRIPT, argv) as run_dir:  # only now: too few images for --steps leave no folder
+        cli.write_json(os.path.join(run_dir, 'compare_numpy.json'), {
+            'script': f'{SCRIPT}.py', 'config': vars(args), 'machine': cli.machine(),
+            'steps': [dict(zip(('step', 'numpy_loss', 'torch_loss', 'rel_diff'), row)) for row in rows],
+            'weight_rel_diffs': weight_diffs, 'max_loss_rel_diff': worst_loss, 'max_weight_rel_diff': worst_weight,
+            'tolerance': COMPARE_TOLERANCE, 'verdict': verdict})
     return verdict == 'EQUAL'
 
 
 def main(argv=None):
     args = parse_args(argv)
-    train.check_args(args)
     lambdas = train_l2reg.sweep_lambdas(args)
     device = cli.torch_device(args.device)
     if args.compare_numpy:
@@ -347,15 +351,14 @@ def main(argv=None):
             sys.exit(1)
         return
     if args.init_from and args.resume is None:  # a bad file is reported before any data is read
-        load_params(LabMnistNet(), checkpoint.load_npz(args.init_from), f"--init-from {args.init_from}")
-    tensors = to_tensors(train.load_data(args), device)
+        load_numpy_layout(LabMnistNet(), checkpoint.load_npz(args.init_from), f"--init-from {args.init_from}")
+    tensors = to_tensors(task1.load_data(args), device)
     print(', '.join(f"{len(y)} {name} images" for name, (_, y) in tensors.items()) + f", on {device}")
-    run_dir = cli.open_run_dir(args, SCRIPT, argv)
 
     def train_one(run_args, sub_dir):
         results, model = train_model(run_args, tensors, sub_dir, device)
         return results, numpy_params(model)
-    with cli.resume_hint(SCRIPT, run_dir):
+    with cli.run_folder(args, SCRIPT, argv) as run_dir:
         if lambdas is None:
             train_one(args, run_dir)
         else:

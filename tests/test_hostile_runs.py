@@ -35,8 +35,9 @@ import checkpoint
 import cli
 import train_pytorch
 from conftest import ROOT, make_synthetic_cifar, make_synthetic_mnist
+from run import Diverged, Run
 from test_bad_input import _Evil, run_main  # noqa: F401 (run_main is a fixture)
-from test_resume import signals_as_scripts_have_them, where_checkpoint_stands  # noqa: F401 (a fixture)
+from test_resume import folder_args, signals_as_scripts_have_them, where_checkpoint_stands  # noqa: F401 (a fixture)
 
 # Synthetic data: 80 MNIST training images (40 left after --valid-size 40), 50 CIFAR-10 ones (30 left).
 MNIST = ['--valid-size', '40', '--limit', '20', '--batch-size', '10', '--draw-every', '1000']
@@ -193,39 +194,38 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_epoch(run_main, 
 
 
 def test_a_nan_score_stops_the_run_before_it_is_written(tmp_path):
-    run = checkpoint.Run(str(tmp_path), seed=0, arrays={'w': np.ones(3)})
-    batches = run.batches(4, 2)
-    with pytest.raises(checkpoint.Diverged, match='the valid loss became nan after epoch 1'):
-        for _ in run.epochs(1):
-            list(batches)
-            run.end_epoch(train_loss=0.5, train_acc=0.9, valid_loss=float('nan'), valid_acc=0.1)
+    run = Run(str(tmp_path), 0, False, 1, 4, 2, arrays={'w': np.ones(3)})
+    with pytest.raises(Diverged, match='the valid loss became nan after epoch 1'):
+        for _ in run.epochs():
+            list(run.steps())
+            run.end_epoch(lr=0.1, train={'loss': 0.5, 'accuracy': 0.9}, valid={'loss': float('nan'), 'accuracy': 0.1})
     assert os.listdir(tmp_path) == [checkpoint.NPZ]  # the one from before the first epoch
 
 
 def test_a_nan_final_score_is_null_in_results_and_checkpoint(tmp_path):
-    run = checkpoint.Run(str(tmp_path), seed=0, arrays={'w': np.ones(3)})
-    batches = run.batches(4, 2)
-    for _ in run.epochs(1):
-        list(batches)
-        run.end_epoch(train_loss=0.5, train_acc=0.9)
-    run.finish(test_loss=float('nan'))
-    assert strict_json(tmp_path / 'results.json')['test_loss'] is None
-    assert json.loads(str(checkpoint.load_npz(str(tmp_path / checkpoint.NPZ))['run']))['results']['test_loss'] is None
+    run = Run(str(tmp_path), 0, False, 1, 4, 2, arrays={'w': np.ones(3)})
+    for _ in run.epochs():
+        list(run.steps())
+        run.end_epoch(lr=0.1, train={'loss': 0.5, 'accuracy': 0.9}, valid={'loss': 0.5, 'accuracy': 0.9})
+    run.finish(test={'loss': float('nan'), 'accuracy': 0.5})
+    assert strict_json(tmp_path / 'results.json')['test']['loss'] is None
+    saved = json.loads(str(checkpoint.load_npz(str(tmp_path / checkpoint.NPZ))['run']))
+    assert saved['results']['test']['loss'] is None
 
 
 def test_weights_that_overflowed_are_never_saved(tmp_path, signals_as_scripts_have_them):
     """Ctrl-C right after a step whose update overflowed the weights: the run stops, the last checkpoint stays."""
     weights = {'w': np.ones(3)}
-    run = checkpoint.Run(str(tmp_path), seed=0, arrays=weights)
-    batches = run.batches(4, 2)
-    with pytest.raises(KeyboardInterrupt):
-        for _ in run.epochs(1):
-            before = contents(tmp_path)  # the checkpoint of the start
-            for _ in batches:
-                weights['w'][0] = np.inf  # the step's update
-                os.kill(os.getpid(), signal.SIGINT)  # noted, and acted upon before the next step
-                time.sleep(0.01)
-    assert contents(tmp_path) == before
+    with pytest.raises(cli.Interrupted):
+        with cli.run_folder(folder_args(tmp_path), 'train') as run_dir:
+            run = Run(run_dir, 0, False, 1, 4, 2, arrays=weights)
+            for _ in run.epochs():
+                before = contents(run_dir)  # config.json and the checkpoint of the start
+                for _ in run.steps():
+                    weights['w'][0] = np.inf  # the step's update
+                    os.kill(os.getpid(), signal.SIGINT)  # noted, and acted upon before the next step
+                    time.sleep(0.01)
+    assert contents(run_dir) == before
 
 
 # ----------------------------------------------------------------------------- 2. flags checked before any work
@@ -387,9 +387,10 @@ RUN_JSON = {  # name -> (tampering of the checkpoint, message)
                                "'results' has no list of the 1 epochs done"),
     'an epoch record of text': (run_json(lambda f: f['results']['epochs'][0].update(valid_acc='high')),
                                 "an epoch's record is not a dict of numbers"),
-    'more epochs done than the run has': (run_json(unfinished(three_epochs_done)), '3 epochs done of a run of 1'),
+    'more epochs done than the run has': (run_json(unfinished(three_epochs_done)),
+                                          'into epoch 4, does not fit a run of 1 epochs of 2 steps'),
     'step not where the counts say': (run_json(unfinished(lambda f: f.update(step=7))),
-                                      'step 7 is not step 0 of epoch 2 of 2'),
+                                      'step 7, 0 steps into epoch 2, does not fit a run of 1 epochs of 2 steps'),
 }
 ARRAYS = {  # name -> (edit of the arrays, message)
     'an array missing': (lambda a: a.pop('conv1.weights'), "no array 'conv1.weights'"),
@@ -576,7 +577,7 @@ def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
         thread.join(timeout=60)
     assert len(set(temporaries_seen)) == 2
     assert open(path).read() in ('a' * 10000, 'b' * 10000) and os.listdir(tmp_path) == ['results.json']
-    assert os.stat(path).st_mode & 0o777 == cli.FILE_MODE  # as open() would have made it, not mkstemp's 0600
+    assert os.stat(path).st_mode & 0o777 == cli._file_mode()  # as open() would have made it, not mkstemp's 0600
 
 
 FULL_DISK = {  # name -> (script, the file that does not fit, at its n-th write, (epochs done, steps) on disk)

@@ -6,6 +6,7 @@ prints 'paused at ...' and waits in the middle of epoch 2, so that the signal al
 that is stopped is a process of its own; the reference runs and the resumed ones call main() in this
 process, which saves the seconds it takes to import PyTorch again.
 """
+import argparse
 import importlib
 import json
 import os
@@ -21,6 +22,7 @@ import torch
 import checkpoint
 import cli
 from conftest import ROOT, make_synthetic_cifar, make_synthetic_mnist
+from run import Run
 
 MNIST_FLAGS = ['--valid-size', '60', '--limit', '40', '--batch-size', '10', '--epochs', '2', '--seed', '3']
 SCRIPTS = {  # script -> (data set, flags): 4 steps per epoch, 2 epochs
@@ -31,7 +33,7 @@ SCRIPTS = {  # script -> (data set, flags): 4 steps per epoch, 2 epochs
 }
 # what differs between two runs of the same training: timings, and where the run lives
 NOT_COMPARED = {'seconds', 'images_per_second', 'seconds_per_epoch', 'train_seconds', 'epoch_seconds',
-                'run_name', 'save_dir', 'resume', 'run_dir'}
+                'run_name', 'save_dir', 'resume', 'run_dir', 'machine'}
 
 
 @pytest.fixture(scope='module')
@@ -125,7 +127,7 @@ def where_checkpoint_stands(run_dir):
     else:
         state = checkpoint.load_torch(os.path.join(run_dir, checkpoint.PT))  # weights_only=True
     fields = json.loads(str(state['run']))
-    return fields['epochs_done'], fields['batches_done']
+    return fields['epochs_done'], fields['steps_done']
 
 
 @pytest.mark.parametrize('script, signum', [
@@ -181,7 +183,7 @@ def test_resuming_a_sweep_keeps_finished_lambdas_and_continues_the_stopped_one(d
     assert os.path.getmtime(os.path.join(run_dir, 'wd_0', 'weights.npz')) == finished  # not trained again
     for name in ('wd_0', 'wd_0.1'):
         assert_same_run(os.path.join(run_dir, name), os.path.join(reference, name), 'train_l2reg.py')
-    rows, expected = (json.load(open(os.path.join(d, 'sweep.json'))) for d in (run_dir, reference))
+    rows, expected = (json.load(open(os.path.join(d, 'sweep.json')))['rows'] for d in (run_dir, reference))
     assert [{k: v for k, v in row.items() if k != 'run_dir'} for row in rows] == \
            [{k: v for k, v in row.items() if k != 'run_dir'} for row in expected]
 
@@ -196,15 +198,31 @@ def test_resume_of_a_finished_run_changes_nothing(data_dirs, reference_runs, cap
 
 # ----------------------------------------------------------------------------- the pieces, in process
 
-def test_the_batch_order_round_trips_through_a_checkpoint(tmp_path):
-    weights = {'w': np.ones(3)}
-    run = checkpoint.Run(str(tmp_path), seed=7, arrays=weights)
-    run.rng.permutation(10)
-    run.rng.integers(0, 2 ** 31, dtype=np.uint32)  # leaves a buffered 32-bit draw in the state
-    run._save()
-    restored = checkpoint.Run(str(tmp_path), seed=0, resume=True, arrays={'w': np.zeros(3)})
-    assert restored.rng.bit_generator.state == run.rng.bit_generator.state
-    assert np.array_equal(restored.rng.permutation(1000), run.rng.permutation(1000))
+def folder_args(tmp_path, name='run'):
+    """The flags cli.run_folder reads, for a new run folder tmp_path/name."""
+    return argparse.Namespace(resume=None, save_dir=str(tmp_path), run_name=name, overwrite=False)
+
+
+def signal_now(signum=signal.SIGTERM):
+    os.kill(os.getpid(), signum)
+    time.sleep(0.01)  # the handler runs in the main thread between bytecodes: here, not in kill()
+
+
+def test_the_batch_order_round_trips_through_a_checkpoint(tmp_path, signals_as_scripts_have_them):
+    """Stopped after a step, a run saves rng's state of the epoch's start: resumed, it draws the same order
+    and leaves out the step done."""
+    with pytest.raises(cli.Interrupted):
+        with cli.run_folder(folder_args(tmp_path), 'train') as run_dir:
+            run = Run(run_dir, 7, False, 1, 10, 2, arrays={'w': np.ones(3)})
+            for _ in run.epochs():
+                order = run.rng.permutation(10)
+                run.rng.integers(0, 2 ** 31, dtype=np.uint32)  # leaves a buffered 32-bit draw in the state
+                for _ in run.steps():
+                    signal_now()
+    restored = Run(run_dir, 0, True, 1, 10, 2, arrays={'w': np.zeros(3)})
+    for _ in restored.epochs():
+        assert np.array_equal(restored.rng.permutation(10), order)
+        assert list(restored.steps()) == [1, 2, 3, 4]
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
@@ -271,34 +289,32 @@ def signals_as_scripts_have_them():
         signal.signal(signum, handler)
 
 
-def test_between_steps_the_first_signal_waits_for_the_loop_and_a_second_stops_at_once(signals_as_scripts_have_them):
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        with cli.stop_between_steps():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.01)  # the handler runs in the main thread between bytecodes: here, not in kill()
+def test_in_a_run_folder_the_first_signal_waits_for_the_loop_and_a_second_stops_at_once(
+        signals_as_scripts_have_them, tmp_path):
+    with pytest.raises(cli.Interrupted) as stopped:
+        with cli.run_folder(folder_args(tmp_path), 'train'):
+            signal_now(signal.SIGTERM)
             assert cli.stop_requested()  # noted, nothing raised: the step in progress finishes
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
-    assert type(stopped.value) is KeyboardInterrupt and not cli.stop_requested()
+            signal_now(signal.SIGINT)
+    assert stopped.value.signum == signal.SIGINT and not cli.stop_requested()
+    assert str(stopped.value).endswith(f"continue with: python train.py --resume {tmp_path / 'run'}")
 
 
-def test_stop_raises_the_kind_of_the_signal_it_acts_on(signals_as_scripts_have_them):
-    with pytest.raises(cli.Terminated):
-        with cli.stop_between_steps():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.01)
+def test_stop_raises_the_kind_of_the_signal_it_acts_on(signals_as_scripts_have_them, tmp_path):
+    with pytest.raises(cli.Interrupted) as stopped:
+        with cli.run_folder(folder_args(tmp_path), 'train'):
+            signal_now(signal.SIGTERM)
             cli.stop()
-    assert not cli.stop_requested()
+    assert stopped.value.signum == signal.SIGTERM and not cli.stop_requested()
 
 
-def test_a_signal_the_loop_did_not_act_on_stops_the_program_when_the_block_ends(signals_as_scripts_have_them):
+def test_a_signal_the_loop_did_not_act_on_stops_the_program_when_the_block_ends(signals_as_scripts_have_them,
+                                                                                tmp_path):
     after_block = []
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        with cli.stop_between_steps():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
-        after_block.append('ran')
-    assert type(stopped.value) is KeyboardInterrupt and not after_block and not cli.stop_requested()
+    with pytest.raises(cli.Interrupted) as stopped:
+        with cli.run_folder(folder_args(tmp_path), 'train'):
+            signal_now(signal.SIGINT)
+            after_block.append('the rest of the block ran')
+    assert after_block and stopped.value.signum == signal.SIGINT and not cli.stop_requested()
     with pytest.raises(KeyboardInterrupt):  # outside the block a signal stops at once
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)
+        signal_now(signal.SIGINT)

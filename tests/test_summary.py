@@ -120,12 +120,17 @@ def test_the_im2col_columns_are_the_convolutions_inputs_times_their_kernel_taps(
     assert memory['kept_bytes']['float32'] == sum(row['bytes']['float32'] for row in rows)
 
 
-def test_summary_table_prints_the_answers(summary):
+def test_summary_table_and_answers(summary):
     net, rows = summary
     text = lab_summary.format_summary(rows)
     assert '821,706' in text and '14x14' in text and 'all 28x28' in text and '1,502,100' in text
     assert [line for line in text.splitlines() if line.startswith('total')]
-    assert '6.0 MB in float32, 12.0 MB in float64' in text and '22.2 MB in float32' in text
+    answers = lab_summary.answers(rows)
+    assert answers['parameters'].startswith('821,706 parameters') and 'fc3 holds 98%' in answers['parameters']
+    assert answers['receptive_field'].startswith('A feature of conv2 sees 14x14 input pixels')
+    assert 'conv2 adds 4 x 2 = 8 (14x14)' in answers['receptive_field']
+    assert '1,502,100 values = 6.0 MB in float32 (12.0 MB in float64)' in answers['memory']
+    assert 'keep 22.2 MB in float32' in answers['memory']
 
 
 def test_receptive_field_with_strided_pooling():

@@ -20,9 +20,9 @@ import train_pytorch as tp
 from conftest import ROOT, make_synthetic_mnist
 
 SCRIPT = os.path.join(ROOT, 'train_pytorch.py')
-EPOCH_KEYS = {'epoch', 'lr', 'train_loss', 'train_acc', 'valid_loss', 'valid_acc', 'reg_loss', 'seconds',
-              'images_per_second'}
-RESULT_KEYS = {'config', 'epochs', 'initial_loss', 'initial_reg_loss', 'initial_acc', 'test_loss', 'test_acc',
+EPOCH_KEYS = {'epoch', 'lr', 'train_loss', 'train_acc', 'train_precision', 'train_recall', 'valid_loss', 'valid_acc',
+              'valid_precision', 'valid_recall', 'reg_loss', 'seconds', 'images_per_second'}
+RESULT_KEYS = {'script', 'config', 'machine', 'epochs', 'initial_loss', 'initial_reg_loss', 'initial_acc', 'test',
                'finished', 'seconds_per_epoch', 'images_per_second'}
 NUMPY_SHAPES = {'conv1.weights': (16, 25), 'conv1.bias': (16,), 'conv2.weights': (32, 400), 'conv2.bias': (32,),
                 'fc3.weights': (512, 1568), 'fc3.bias': (512,), 'logits.weights': (10, 512), 'logits.bias': (10,)}
@@ -109,12 +109,12 @@ def test_weights_round_trip_between_the_frameworks(tmp_path):
     net = train.make_net(fast_layers, 4, np.float64)
     numpy_nn.save_params(net, str(tmp_path / 'numpy.npz'))
     model = tp.LabMnistNet().double()
-    tp.load_params(model, checkpoint.load_npz(str(tmp_path / 'numpy.npz')), 'test')
+    tp.load_numpy_layout(model, checkpoint.load_npz(str(tmp_path / 'numpy.npz')), 'test')
     x, _ = synthetic_batches(4)
     np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), numpy_nn.forward_pass(net, x),
                                rtol=1e-12, atol=1e-12)
 
-    tp.save_params(model, str(tmp_path / 'torch.npz'))
+    tp.save_numpy_layout(model, str(tmp_path / 'torch.npz'))
     saved = checkpoint.load_npz(str(tmp_path / 'torch.npz'))
     assert {key: value.shape for key, value in saved.items()} == NUMPY_SHAPES
     np.random.seed(6)
@@ -156,23 +156,20 @@ def test_device_without_gpu(tmp_path):
 
 # ----------------------------------------------------------------------------- data and the script end to end
 
-def test_loader_batches(tmp_path):
-    x, y = torch.arange(10.0).reshape(10, 1), torch.arange(10)
-    in_order = [b.tolist() for _, b in tp.make_loader(x, y, tp._in_order(10, 4))]
-    assert in_order == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-
-    def shuffled(seed):
-        """One epoch of a Run's batches, as train_model loads them: the NumPy scripts' order for that seed."""
-        run = checkpoint.Run(str(tmp_path), seed, arrays={})
-        loader = tp.make_loader(x, y, run.batches(10, 4))
-        run.epochs_total = run.epoch = 1
-        run.epoch_start = 0.0
-        batches = [(images, labels) for images, labels in loader]
-        for images, labels in batches:
-            assert torch.equal(images[:, 0].long(), labels)  # images and labels stay paired
-        return [labels.tolist() for _, labels in batches]
-    order = np.random.default_rng(1).permutation(10)
-    assert shuffled(1) == shuffled(1) == [order[:4].tolist(), order[4:8].tolist()]  # the partial batch left out
+def test_the_batches_are_the_numpy_scripts_for_the_same_seed(tmp_path, mnist_5200, monkeypatch):
+    """train_pytorch.py and train.py draw the same order from the same seed, so they see the same batches."""
+    seen = {}
+    real_cross_entropy = tp.F.cross_entropy
+    monkeypatch.setattr(tp.F, 'cross_entropy', lambda logits, y, **kw: (
+        seen.setdefault('torch', []).append(y.tolist()) if logits.requires_grad else None,
+        real_cross_entropy(logits, y, **kw))[1])
+    flags = ['--data-dir', mnist_5200, '--limit', '40', '--batch-size', '10', '--epochs', '2', '--draw-every', '1000']
+    tp.main(flags + ['--save-dir', str(tmp_path), '--run-name', 'torch', '--device', 'cpu'])
+    mnist = train.load_data(train.parse_args(flags))
+    rng = np.random.default_rng(42)  # the scripts' default seed, the order's own generator (run.Run)
+    expected = [mnist['train_y'][order[i * 10:(i + 1) * 10]].tolist()
+                for order in (rng.permutation(40), rng.permutation(40)) for i in range(4)]
+    assert seen['torch'] == expected
 
 
 def test_quick_run_writes_everything(tmp_path, mnist_5200):
@@ -191,7 +188,7 @@ def test_quick_run_writes_everything(tmp_path, mnist_5200):
     assert results['config']['limit'] == 100 and results['config']['weight_decay'] == 1e-3
     for row in results['epochs']:
         assert 0 <= row['train_acc'] <= 1 and 0 <= row['valid_acc'] <= 1 and row['reg_loss'] > 0
-    assert 0 <= results['test_acc'] <= 1 and results['initial_loss'] > np.log(10) * 0.8
+    assert 0 <= results['test']['accuracy'] <= 1 and results['initial_loss'] > np.log(10) * 0.8
     assert results['images_per_second'] > 0 and results['seconds_per_epoch'] > 0
 
     # the initial weights are the NumPy ones given, bit for bit, and both files are in the NumPy layout
@@ -213,7 +210,7 @@ def test_sweep(tmp_path, mnist_5200):
     result = run_script('--data-dir', mnist_5200, '--save-dir', str(tmp_path), '--run-name', 'sweep',
                         '--limit', '40', '--batch-size', '20', '--epochs', '1', '--sweep', '0', '0.1')
     assert result.returncode == 0, result.stderr
-    rows = json.loads((tmp_path / 'sweep' / 'sweep.json').read_text())
+    rows = json.loads((tmp_path / 'sweep' / 'sweep.json').read_text())['rows']
     assert [row['weight_decay'] for row in rows] == [0, 0.1]
     assert rows[0]['reg_loss'] == 0 and rows[1]['reg_loss'] > 0
     for name, weight_decay in (('wd_0', 0), ('wd_0.1', 0.1)):
