@@ -20,7 +20,10 @@ update: where each millisecond of its step goes.
 
     python bench_layers.py                   # 30 rounds, 1 thread and all cores
     python bench_layers.py --threads 2       # two threads only
+
+Writes <save-dir>/<run-name>/results.json: every contender's step times, the profile, and the machine.
 """
+import argparse
 import os
 import time
 
@@ -36,8 +39,9 @@ import train
 CONTENDERS = ('fast float32', 'fast float64', 'textbook float32', 'torch float32')
 
 
-def parse_args():
-    parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
+def make_parser():
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_flags(parser, 'save_dir', 'run_name', 'overwrite', 'seed')
     parser.add_argument('--steps', type=cli.positive_int, default=30,
                         help='timed steps of each contender at each thread count (default: 30)')
     parser.add_argument('--warmup', type=cli.positive_int, default=3, help='untimed steps first (default: 3)')
@@ -48,8 +52,7 @@ def parse_args():
                              f'(default: {" ".join(map(str, sorted({1, all_cores})))}: one, and PyTorch\'s default)')
     parser.add_argument('--profile', action='store_true',
                         help='also time every layer, the loss and the update of the fast float32 net')
-    parser.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
-    return parser.parse_args()
+    return parser
 
 
 def numpy_step(module, dtype, batch_size, rng, profile=None):
@@ -107,8 +110,8 @@ def use_threads(threads):
     fast_layers.set_blas_threads(threads)   # the textbook layers' products; the fast layers set 1 inside
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     cli.seed_everything(args.seed)
     if not fast_layers.set_blas_threads(1):
         print("note: NumPy's BLAS is not a bundled OpenBLAS here; it runs with its default thread count")
@@ -158,6 +161,10 @@ def main():
             ours, torch_times = times[threads][name], times[threads]['torch float32']
             print(f"{name} / torch float32, {threads} thread(s): {np.median(ours) / np.median(torch_times):.2f} "
                   f"(medians), {min(ours) / min(torch_times):.2f} (minima)")
+    with cli.run_folder(args, 'bench_layers', argv, resumable=False) as run_dir:
+        cli.write_json(os.path.join(run_dir, 'results.json'), {
+            'script': 'bench_layers.py', 'config': vars(args), 'machine': cli.machine(), 'fast_kernels': build,
+            'load_average_before': load_before, 'seconds_per_step': times, 'profile': profiles})
     for threads, profile in (profiles or {}).items():
         # Minima too: on a loaded machine the medians of short calls mostly measure the neighbours.
         print(f"fast float32, {threads} thread(s): where the step goes   median ms     min ms")

@@ -10,7 +10,6 @@ shaped unlike the object it is loaded into: each is a one-line UserError naming 
 """
 import io
 import math
-import os
 import pickle
 import re
 import zipfile
@@ -18,20 +17,28 @@ import zipfile
 import numpy as np
 
 import cli
+import readback
 
 NPZ, PT = 'checkpoint.npz', 'checkpoint.pt'
 
 
 def all_finite(state):
-    """True unless a NumPy array or a torch tensor in state (a dict or list of them, or one) holds NaN or inf."""
-    if isinstance(state, dict):
-        return all(all_finite(value) for value in state.values())
-    if isinstance(state, (list, tuple)):
-        return all(all_finite(value) for value in state)
-    if isinstance(state, np.ndarray):
-        return state.dtype.kind not in 'fc' or bool(np.isfinite(state).all())
-    if hasattr(state, 'is_floating_point'):  # a torch tensor (torch is imported only by the scripts that use it)
-        return not state.is_floating_point() or bool(state.isfinite().all())
+    """True unless a NumPy array or a torch tensor in state (a dict or list of them, or one) holds NaN or inf.
+    Walks every container once however often it is referenced, without recursion: a file's shared references
+    cannot make it walk more than the file holds, nor its nesting exhaust the stack."""
+    seen, todo = set(), [state]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if id(item) not in seen:
+                seen.add(id(item))
+                todo.extend(item.values() if isinstance(item, dict) else item)
+        elif isinstance(item, np.ndarray):
+            if item.dtype.kind in 'fc' and not np.isfinite(item).all():
+                return False
+        elif hasattr(item, 'is_floating_point'):  # a torch tensor (torch is imported only by the scripts using it)
+            if item.is_floating_point() and not item.isfinite().all():
+                return False
     return True
 
 
@@ -39,6 +46,11 @@ def all_finite(state):
 
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_flat(value):
+    """A tensor, a number, a string, a bool or None: what an optimizer keeps per parameter."""
+    return value is None or isinstance(value, (int, float, str, bool)) or hasattr(value, 'is_floating_point')
 
 
 def unreadable(path, error):
@@ -55,10 +67,12 @@ def save_npz(path, arrays):
     cli.atomic_write(path, lambda tmp_path: np.savez(tmp_path, **arrays))
 
 
-def _check_zip(path, archive):
+MAX_BYTES = 256 << 20  # the lab's largest checkpoint, the MNIST net in float64 with its run, is ~7 MB
+
+
+def _check_zip(path, archive, file_size):
     """Refuses, before anything is read, a zip member that is compressed (np.savez and torch.save store theirs)
     or whose sizes claim more bytes than the whole file has: a reader allocates what the zip's directory claims."""
-    file_size = os.path.getsize(path)
     for member in archive.infolist():
         if member.compress_type != zipfile.ZIP_STORED:
             raise ValueError(f"{member.filename} is compressed; np.savez and torch.save never write that")
@@ -66,12 +80,22 @@ def _check_zip(path, archive):
             raise ValueError(f"{member.filename} claims {member.file_size} bytes, the whole file has {file_size}")
 
 
+def _read(path):
+    """The bytes of a checkpoint file, as readback reads what a run reads back: a regular file of a bounded size
+    (a FIFO or /dev/zero in its place would block or never end)."""
+    try:
+        return readback.read_bytes(path, MAX_BYTES)
+    except readback.ReadBackError as error:
+        raise unreadable(path, ValueError(str(error).removeprefix(f"{path}: "))) from None
+
+
 def load_npz(path):
     """{name: array} of an .npz that np.savez wrote, never unpickling anything and never allocating more than
     the file holds; a UserError naming the file if it is unreadable, compressed or claims more than it holds."""
+    raw = _read(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            _check_zip(path, archive)
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            _check_zip(path, archive, len(raw))
             for member in archive.infolist():
                 with archive.open(member) as f:
                     read_header = _NPY_HEADER_READERS.get(np.lib.format.read_magic(f))
@@ -83,7 +107,7 @@ def load_npz(path):
                     if math.prod(shape) * dtype.itemsize > member.file_size:
                         raise ValueError(f"{member.filename} claims {shape} {dtype}, more than its "
                                          f"{member.file_size} bytes")
-        with np.load(path, allow_pickle=False) as saved:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as saved:
             return {key: saved[key] for key in saved.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, TypeError) as error:
         raise unreadable(path, error)
@@ -119,10 +143,11 @@ def save_torch(path, state):
 def load_torch(path):
     """A .pt file on the CPU; weights_only=True builds nothing but tensors and plain values, so it runs no code."""
     import torch
+    raw = _read(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            _check_zip(path, archive)
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            _check_zip(path, archive, len(raw))
+        return torch.load(io.BytesIO(raw), map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message goes on to suggest weights_only=False, which would run the code: never pass that on
         named = re.search(r'GLOBAL (\S+)', str(error))
@@ -137,6 +162,8 @@ def load_state_dict(obj, state, path, name='state_dict'):
     value, tensor shapes and dtypes. load_state_dict checks a model's tensor shapes, but takes an optimizer's or
     a scheduler's values as they come, so a tampered one would fail only later, with a traceback."""
     _same_structure(obj.state_dict(), state, path, repr(name))
+    if not all_finite(state):  # a diverged run never saves such a state
+        raise unreadable(path, ValueError(f"{name!r} holds NaN or infinite values"))
     try:
         obj.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
@@ -149,7 +176,11 @@ def _same_structure(expected, got, path, where):
     if isinstance(expected, dict):
         if not isinstance(got, dict):
             differs(f"is a {type(got).__name__}, not a dict")
-        if expected and set(got) != set(expected):  # an empty one (an optimizer's state before any step) grows
+        if not expected:  # an optimizer's state before its first step, which grows one flat dict per parameter
+            if not all(isinstance(value, dict) and all(_is_flat(item) for item in value.values())
+                       for value in got.values()):
+                differs("is not an optimizer's state: one flat dict of values per parameter")
+        elif set(got) != set(expected):
             missing, extra = sorted(map(str, set(expected) - set(got))), sorted(map(str, set(got) - set(expected)))
             differs(f"lacks {missing}" if missing else f"has keys of its own: {extra}")
         for key in expected:

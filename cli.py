@@ -4,7 +4,7 @@ writes, progress bars, and stopping on Ctrl-C or SIGTERM with a hint on how to g
 A training script's main() reads:
 
     args = cli.parse_args(make_parser(), SCRIPT, argv)     # or, with --resume, the flags the run started with
-    data = load_data(args)                                  # before the folder: a bad file leaves nothing behind
+    data = load_the_data(args)                              # before the folder: a bad file leaves nothing behind
     with cli.run_folder(args, SCRIPT, argv) as run_dir:    # claimed, locked, config.json written
         train_model(args, data, run_dir)
 
@@ -28,9 +28,8 @@ import tempfile
 import numpy as np
 from tqdm import tqdm
 
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line, exit code 2, no traceback."""
+import readback
+from errors import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -209,19 +208,12 @@ def parse_args(parser, script, argv=None):
     config_path = os.path.join(run_dir, CONFIG)
     if not os.path.isdir(run_dir):
         raise UserError(f"--resume {run_dir}: no such run folder")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
+    if not os.path.lexists(config_path):
         raise UserError(f"--resume {run_dir}: no {CONFIG} in it, so it is not a run folder of these scripts")
-    except (OSError, ValueError) as error:
-        raise UserError(f"--resume {run_dir}: cannot read {config_path} ({error})")
-    if not (isinstance(config, dict) and isinstance(config.get('argv'), list)
-            and all(isinstance(arg, str) for arg in config['argv'])):
-        raise UserError(f"--resume {run_dir}: {config_path} has no command line ('argv')")
-    if config.get('script') != f'{script}.py':
-        raise UserError(f"--resume {run_dir}: that is a run of {config.get('script')}, not of {script}.py")
-    saved = parser.parse_args(config['argv'])
+    config = readback.read_json(config_path, {'script': str, 'argv': [str]}, max_bytes=1 << 20)
+    if config['script'] != f'{script}.py':
+        raise UserError(f"--resume {run_dir}: that is a run of {config['script'][:60]}, not of {script}.py")
+    saved = _parse_saved(parser, config['argv'], config_path)
     given = explicit_flags(parser, argv)
     for dest, value in given.items():
         if dest not in ('resume', 'data_dir') and value != getattr(saved, dest):
@@ -231,6 +223,26 @@ def parse_args(parser, script, argv=None):
                             f"or start a new run")
     saved.resume = run_dir
     saved.data_dir = given.get('data_dir', saved.data_dir)
+    return saved
+
+
+def _parse_saved(parser, argv, config_path):
+    """The flags config.json saved, parsed as the script parses its own: a tampered or foreign command line
+    (an unknown flag, a value out of range) is one line naming the file."""
+    class Refused(Exception):
+        pass
+
+    def refuse(message):
+        raise Refused(message)
+    original, parser.error = parser.error, refuse
+    try:
+        saved = parser.parse_args(argv)
+    except Refused as error:
+        raise readback.ReadBackError(f"{config_path}: its command line is not this script's ({error})") from None
+    finally:
+        parser.error = original
+    if saved.resume is not None:
+        raise readback.ReadBackError(f"{config_path}: its command line has a --resume")
     return saved
 
 
@@ -263,12 +275,11 @@ def run_folder(args, script, argv=None, resumable=True):
     """
     global _deferring
     _deferring += resumable
-    run_dir = None
+    run_dir, resume = None, getattr(args, 'resume', None)  # a script without checkpoints has no --resume
     try:
-        run_dir = args.resume if args.resume is not None else make_run_dir(args.save_dir, args.run_name, script,
-                                                                           args.overwrite)
+        run_dir = resume if resume is not None else make_run_dir(args.save_dir, args.run_name, script, args.overwrite)
         with _locked(run_dir):
-            if args.resume is None:
+            if resume is None:
                 try:
                     write_json(os.path.join(run_dir, CONFIG), {'script': f'{script}.py', 'args': vars(args),
                                                                'argv': sys.argv[1:] if argv is None else list(argv)})

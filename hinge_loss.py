@@ -96,7 +96,7 @@ def make_parser():
 def main(argv=None):
     args = cli.parse_args(make_parser(), SCRIPT, argv)
     train_cifar.check_cifar_args(args)
-    dataset = train_cifar.load_data(args, cli.torch_device(args.device))
+    dataset = train_cifar.cifar10_tensors(args, cli.torch_device(args.device))
     runs = {'hinge': (args, functools.partial(multiclass_hinge_loss, delta=args.delta), 'Multiclass hinge loss')}
     if args.compare:
         runs['cross-entropy'] = (argparse.Namespace(**{**vars(args), 'lr': train_cifar.LR}), F.cross_entropy,

@@ -26,7 +26,6 @@ A checkpoint read back must look exactly like what this code writes (names, shap
 values, counts that fit together and fit the run's flags): anything else stops the run with one line naming
 the file before anything in its folder changes. A run that diverges never overwrites its last good checkpoint.
 """
-import json
 import math
 import os
 import time
@@ -35,6 +34,7 @@ import numpy as np
 
 import checkpoint
 import cli
+import readback
 
 
 class Diverged(cli.UserError):
@@ -165,16 +165,22 @@ class Run:
             print(self._where('saved'))
 
     def _restore(self):
+        """Reads the checkpoint back, checking each part against this run before anything is copied: the 'run'
+        fields, then every array or state_dict against the run's own (names, shapes, dtypes, finite values)."""
         saved = checkpoint.load_npz(self.path) if self.state_dicts is None else checkpoint.load_torch(self.path)
-        fields = self._run_fields(saved.get('run'))
-        if not checkpoint.all_finite(saved):  # a diverged run never saves such weights
-            raise checkpoint.unreadable(self.path, ValueError("NaN or infinite weights"))
+        names = set(self.arrays if self.state_dicts is None else self.state_dicts) | {'run'}
+        if not isinstance(saved, dict):
+            raise checkpoint.unreadable(self.path, ValueError(f"a {type(saved).__name__}, not a dict"))
+        missing, extra = sorted(names - set(saved)), sorted(map(str, set(saved) - names))
+        if missing or extra:
+            kind = 'array ' if self.state_dicts is None and missing != ['run'] else ''
+            raise checkpoint.unreadable(self.path, ValueError(
+                f"no {kind}{missing[0]!r}" if missing else f"it holds {extra[0][:40]!r} of its own"))
+        fields = self._run_fields(saved['run'])
         if self.state_dicts is None:
             checkpoint.copy_arrays(self.arrays, saved, self.path)
         else:
             for name, obj in self.state_dicts.items():
-                if name not in saved:
-                    raise checkpoint.unreadable(self.path, ValueError(f"no {name!r}"))
                 checkpoint.load_state_dict(obj, saved[name], self.path, name)
         try:
             self.rng.bit_generator.state = fields['rng']
@@ -185,31 +191,27 @@ class Run:
 
     def _run_fields(self, text):
         """The 'run' JSON of a checkpoint, checked field by field against what this code writes and against
-        the run's flags: a tampered file is a UserError naming it, not a traceback."""
+        the run's flags: a tampered file is one line naming it, not a traceback."""
+        if isinstance(text, np.ndarray) and text.dtype.kind == 'U' and text.ndim == 0:
+            text = str(text)  # how save_npz stores it
         try:
-            fields = json.loads(str(text))
-            for key, kind in (('epochs_done', int), ('steps_done', int), ('step', int), ('epoch_seconds', float),
-                              ('rng', dict), ('results', dict)):
-                if not isinstance(fields[key], kind) or isinstance(fields[key], bool):
-                    raise TypeError(f"'{key}' is not a {kind.__name__}")
-            if min(fields['epochs_done'], fields['steps_done'], fields['step'], fields['epoch_seconds']) < 0:
-                raise ValueError("a negative count")
+            fields = readback.parse_json(text, {
+                'epochs_done': readback.COUNT, 'steps_done': readback.COUNT, 'step': readback.COUNT,
+                'epoch_seconds': readback.Number(0), 'rng': dict,
+                'results': {'epochs': [{'epoch': readback.COUNT, 'seconds': readback.Number(0)}]}}, 'run')
             done, steps, per_epoch = fields['epochs_done'], fields['steps_done'], self.steps_per_epoch
             if done > self.num_epochs or steps >= per_epoch or fields['step'] != done * per_epoch + steps \
                     or (done == self.num_epochs and steps):
                 raise ValueError(f"step {fields['step']}, {steps} steps into epoch {done + 1}, does not fit a run "
                                  f"of {self.num_epochs} epochs of {per_epoch} steps")
-            epochs = fields['results'].get('epochs')
-            if not (isinstance(epochs, list) and len(epochs) == done):
-                raise TypeError(f"'results' has no list of the {done} epochs done")
+            epochs = fields['results']['epochs']
+            if [record['epoch'] for record in epochs] != list(range(1, done + 1)):
+                raise ValueError(f"'results' has no record of each of the {done} epochs done")
             for record in epochs:  # what end_epoch records: finite numbers, read back by plots and summaries
-                if not (isinstance(record, dict) and all(_is_number(value) and math.isfinite(value)
-                                                         for value in record.values())):
-                    raise TypeError(f"an epoch's record is not a dict of numbers: {str(record)[:60]}")
-        except KeyError as error:
-            raise checkpoint.unreadable(self.path, ValueError(f"no {error}"))
-        except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
-            raise checkpoint.unreadable(self.path, error)
+                if not all(readback.Number().fits(value) for value in record.values()):
+                    raise ValueError(f"an epoch's record is not a dict of finite numbers: {str(record)[:60]}")
+        except (readback.ReadBackError, ValueError) as error:
+            raise checkpoint.unreadable(self.path, ValueError(str(error).removeprefix('run: ')))
         return fields
 
 
@@ -221,10 +223,6 @@ def _scores_of(split, scores):
         record.update({f'{split}_precision': float(scores['macro_precision']),
                        f'{split}_recall': float(scores['macro_recall'])})
     return record
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def format_epoch(record, epochs):

@@ -109,7 +109,7 @@ def write_summary(args, run_dir, show=True):
     plots.draw_net(os.path.join(run_dir, 'net.png'), rows)
 
 
-def load_data(args):
+def mnist_split(args):
     """The lab's MNIST split in args.dtype, the training part cut to --limit images."""
     mnist = data.prepare_mnist(args.data_dir, np.dtype(args.dtype).type, valid_size=args.valid_size)
     mnist['train_x'], mnist['train_y'] = mnist['train_x'][:args.limit], mnist['train_y'][:args.limit]
@@ -168,7 +168,7 @@ def summary_of(scores):
 
 def main(argv=None):
     args = parse_args(argv)
-    mnist = None if args.summary_only else load_data(args)
+    mnist = None if args.summary_only else mnist_split(args)
     with cli.run_folder(args, SCRIPT, argv) as run_dir:
         if args.summary_only:
             write_summary(args, run_dir)

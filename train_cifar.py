@@ -95,7 +95,7 @@ class ConvNet(nn.Module):
         return self.logits(x)
 
 
-def load_data(args, device):
+def cifar10_tensors(args, device):
     """The lab's split and normalisation (data.prepare_cifar10) as tensors on `device`, --limit applied."""
     prepared = data.prepare_cifar10(args.data_dir, valid_size=args.valid_size, seed=args.seed)
     dataset = {key: torch.from_numpy(prepared[key]).to(device) for key in
@@ -219,7 +219,7 @@ def test(model, dataset, run, loss_fn, loss_name):
 
 def main(argv=None):
     args = parse_args(argv)
-    dataset = load_data(args, cli.torch_device(args.device))
+    dataset = cifar10_tensors(args, cli.torch_device(args.device))
     with cli.run_folder(args, SCRIPT, argv) as run_dir:
         train_model(args, dataset, run_dir)
 

@@ -100,7 +100,7 @@ def main(argv=None):
     args = cli.parse_args(make_parser(), SCRIPT, argv)
     train.check_mnist_args(args)
     lambdas = sweep_lambdas(args)
-    mnist = train.load_data(args)
+    mnist = train.mnist_split(args)
 
     def train_one(run_args, sub_dir):
         results, net = train.train_model(run_args, mnist, sub_dir,

@@ -352,7 +352,7 @@ def main(argv=None):
         return
     if args.init_from and args.resume is None:  # a bad file is reported before any data is read
         load_numpy_layout(LabMnistNet(), checkpoint.load_npz(args.init_from), f"--init-from {args.init_from}")
-    tensors = to_tensors(task1.load_data(args), device)
+    tensors = to_tensors(task1.mnist_split(args), device)
     print(', '.join(f"{len(y)} {name} images" for name, (_, y) in tensors.items()) + f", on {device}")
 
     def train_one(run_args, sub_dir):

@@ -250,7 +250,7 @@ def test_bad_resume_is_one_line_and_touches_nothing(run_main, tmp_path, script, 
     flags, message = ['--resume', run_dir], {
         'no config': 'no config.json in it', 'other script': f'that is a run of {other}, not of {script}',
         'conflicting flag': "--epochs 3 differs from the run's 2", 'with --overwrite': "--overwrite on differs",
-        'bad config': 'cannot read'}[case]
+        'bad config': 'config.json: not valid JSON'}[case]
     if case == 'no config':
         os.remove(os.path.join(run_dir, 'config.json'))
     if case == 'bad config':

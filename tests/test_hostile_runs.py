@@ -374,19 +374,19 @@ def set_nan(array):
 
 MT19937 = {'bit_generator': 'MT19937', 'state': {'key': [1] * 624, 'pos': 0}}
 RUN_JSON = {  # name -> (tampering of the checkpoint, message)
-    "'run' is not JSON": (break_run_text, 'not a checkpoint of this run (Expecting property name'),
-    'epochs_done is text': (run_json(lambda f: f.update(epochs_done='1')), "'epochs_done' is not a int"),
-    'negative step count': (run_json(lambda f: f.update(step=-2)), 'a negative count'),
+    "'run' is not JSON": (break_run_text, 'not a checkpoint of this run (not valid JSON (Expecting property name'),
+    'epochs_done is text': (run_json(lambda f: f.update(epochs_done='1')), 'epochs_done is a str, not an integer >= 0'),
+    'negative step count': (run_json(lambda f: f.update(step=-2)), 'step is -2, not an integer >= 0'),
     'no rng': (run_json(lambda f: f.pop('rng')), "not a checkpoint of this run (no 'rng')"),
     'rng of another kind': (run_json(lambda f: f.update(rng=MT19937)),
                             "'rng' is not a generator state (state must be for a PCG64 RNG)"),
     'rng state of the wrong length': (run_json(lambda f: f['rng']['state'].update(state=2 ** 200)),
                                       "'rng' is not a generator state"),
-    'results not a dict': (run_json(lambda f: f.update(results=[1, 2])), "'results' is not a dict"),
+    'results not a dict': (run_json(lambda f: f.update(results=[1, 2])), 'results is a list, not a dict'),
     'results without epochs': (run_json(lambda f: f['results'].pop('epochs')),
-                               "'results' has no list of the 1 epochs done"),
+                               "no 'epochs' in results"),
     'an epoch record of text': (run_json(lambda f: f['results']['epochs'][0].update(valid_acc='high')),
-                                "an epoch's record is not a dict of numbers"),
+                                "an epoch's record is not a dict of finite numbers"),
     'more epochs done than the run has': (run_json(unfinished(three_epochs_done)),
                                           'into epoch 4, does not fit a run of 1 epochs of 2 steps'),
     'step not where the counts say': (run_json(unfinished(lambda f: f.update(step=7))),
@@ -397,7 +397,7 @@ ARRAYS = {  # name -> (edit of the arrays, message)
     'an array of the wrong shape': (lambda a: a.update({'conv1.weights': np.zeros((3, 3), np.float32)}),
                                     "'conv1.weights' is float32 (3, 3), the net needs float32 (16, 25)"),
     'an array of integers': (lambda a: a.update({'fc3.bias': a['fc3.bias'].astype(np.int64)}), "'fc3.bias' is int64"),
-    'NaN weights': (lambda a: set_nan(a['fc3.weights']), 'NaN or infinite weights'),
+    'NaN weights': (lambda a: set_nan(a['fc3.weights']), 'holds NaN or infinite values'),
     'no run entry': (lambda a: a.pop('run'), 'not a checkpoint of this run'),
     'pickled objects': (lambda a: a.update(extra=np.array([{'a': 1}], dtype=object)), 'holds pickled Python objects'),
 }
@@ -413,7 +413,7 @@ STATE_DICTS = {  # name -> (edit of the torch state, message)
                               "'optimizer'['param_groups'][0]['lr'] is a str, not a number"),
     'scheduler with a key of its own': (lambda s: s['scheduler'].update(optimizer=None),
                                         "'scheduler' has keys of its own: ['optimizer']"),
-    'NaN weights': (lambda s: set_nan(s['model']['fc3.weight']), 'NaN or infinite weights'),
+    'NaN weights': (lambda s: set_nan(s['model']['fc3.weight']), 'holds NaN or infinite values'),
 }
 TAMPERED = [(kind, name, tamper, message) for kind, cases in (('npz', RUN_JSON), ('pt', RUN_JSON), ('npz', ARRAYS),
                                                               ('pt', STATE_DICTS))

@@ -4,6 +4,7 @@ textbook layers (layers.py) and their fast twins (fast_layers.py) alike: every t
 
 float64 must agree to 1e-10 relative; float32 to float32 round-off, and stay float32.
 """
+import json
 import os
 import subprocess
 import sys
@@ -341,10 +342,14 @@ def test_lab_net_float32_stays_float32_and_matches_torch(layers):
         assert_close(grad_bias, modules[name].bias.grad, rtol=1e-5)
 
 
-def test_bench_layers_runs():
-    """bench_layers.py prints figures (never asserted here: timings depend on the machine)."""
+def test_bench_layers_runs(tmp_path):
+    """bench_layers.py prints figures and writes them (never asserted here: timings depend on the machine)."""
     result = subprocess.run([sys.executable, 'bench_layers.py', '--steps', '1', '--warmup', '1', '--threads', '1',
-                             '--batch-size', '4'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                             '--batch-size', '4', '--save-dir', str(tmp_path), '--run-name', 'bench'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for name in ('fast float32', 'fast float64', 'textbook float32', 'torch float32', 'fast float32 / torch float32'):
         assert name in result.stdout
+    saved = json.loads((tmp_path / 'bench' / 'results.json').read_text())
+    assert set(saved['seconds_per_step']['1']) == {'fast float32', 'fast float64', 'textbook float32', 'torch float32'}
+    assert saved['machine']['cores'] >= 1 and (tmp_path / 'bench' / 'config.json').is_file()

@@ -6,8 +6,8 @@ import os
 
 from conftest import ROOT
 
-SHARED = {'layers', 'fast_layers', 'im2col', 'nn', 'run', 'checkpoint', 'cli', 'data', 'safe_pickle', 'metrics',
-          'plots', 'summary', 'muon', 'distributed'}
+SHARED = {'layers', 'fast_layers', 'im2col', 'nn', 'run', 'checkpoint', 'cli', 'errors', 'readback', 'data',
+          'safe_pickle', 'metrics', 'plots', 'summary', 'muon', 'distributed'}
 
 
 def imports_of_every_module():

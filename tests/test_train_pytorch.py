@@ -165,7 +165,7 @@ def test_the_batches_are_the_numpy_scripts_for_the_same_seed(tmp_path, mnist_520
         real_cross_entropy(logits, y, **kw))[1])
     flags = ['--data-dir', mnist_5200, '--limit', '40', '--batch-size', '10', '--epochs', '2', '--draw-every', '1000']
     tp.main(flags + ['--save-dir', str(tmp_path), '--run-name', 'torch', '--device', 'cpu'])
-    mnist = train.load_data(train.parse_args(flags))
+    mnist = train.mnist_split(train.parse_args(flags))
     rng = np.random.default_rng(42)  # the scripts' default seed, the order's own generator (run.Run)
     expected = [mnist['train_y'][order[i * 10:(i + 1) * 10]].tolist()
                 for order in (rng.permutation(40), rng.permutation(40)) for i in range(4)]
