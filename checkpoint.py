@@ -127,6 +127,16 @@ def copy_arrays(arrays, saved, source):
         array[...] = saved[name]
 
 
+def check_same_arrays(path, arrays):
+    """A UserError unless the .npz at path holds exactly `arrays` ({name: array}), bit for bit: the output file
+    of a finished run, read back before the run says it is done."""
+    saved = load_npz(path)
+    if set(saved) != set(arrays) or any(saved[name].dtype != array.dtype or not np.array_equal(saved[name], array)
+                                        for name, array in arrays.items()):
+        raise cli.UserError(f"{path}: not the final weights of this finished run (its checkpoint holds others); "
+                            f"start the run again with --overwrite")
+
+
 def save_torch(path, state):
     """torch.save, atomically. It serialises into memory first: torch.save's own file writer reports a full
     disk as a RuntimeError ('unexpected pos'), Python's write reports it as the OSError it is."""

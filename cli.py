@@ -20,6 +20,8 @@ import math
 import os
 import platform
 import random
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -177,6 +179,38 @@ def refuse_flags(parser, argv, mode, allowed):
             raise UserError(f"{flag_name(parser, dest)} does nothing {mode}; leave it out")
 
 
+def available_memory():
+    """Bytes this process can still allocate: what the OS reports available, or less under an address-space
+    limit (RLIMIT_AS, e.g. ulimit -v)."""
+    available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    with contextlib.suppress(OSError, ValueError):
+        with open('/proc/meminfo') as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit != resource.RLIM_INFINITY:
+        with contextlib.suppress(OSError, ValueError):
+            with open('/proc/self/statm') as f:
+                used = int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')
+            available = min(available, limit - used)
+    return available
+
+
+def check_memory(what, needed):
+    """A UserError naming `what` (the flags that ask for it) if it needs more memory than there is, checked
+    before any work: a flag's size is weighed against the machine, not found out by a traceback midway."""
+    available = available_memory()
+    if needed > available:
+        raise UserError(f"{what} needs about {needed / 2 ** 30:.1f} GiB of memory, and {available / 2 ** 30:.1f} "
+                        f"GiB are free here")
+
+
+def check_threads(threads, flag='--threads'):
+    """A UserError if `threads` is more than the CPUs this process may run on: more only slow it down."""
+    cores = len(os.sched_getaffinity(0))
+    if threads > cores:
+        raise UserError(f"{flag} {threads} is more than the {cores} CPUs this process may use")
+
+
 def check_batch_size(batch_size, num_examples, where):
     """A UserError if a batch is larger than the training examples (`where`: which ones, for the message)."""
     if batch_size > num_examples:
@@ -198,7 +232,7 @@ def parse_args(parser, script, argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.resume is None:
-        _check_save_dir(args.save_dir)
+        _check_save_dir(args.save_dir, args.run_name)
         if args.run_name is not None and os.path.exists(os.path.join(args.save_dir, args.run_name)) \
                 and not args.overwrite:
             raise UserError(f"run folder {os.path.join(args.save_dir, args.run_name)} exists; pick another "
@@ -246,14 +280,19 @@ def _parse_saved(parser, argv, config_path):
     return saved
 
 
-def _check_save_dir(save_dir):
-    """A UserError unless save_dir is a folder or can be made one (no file on its path), checked before any
-    work: a run should not load its data only to fail when it makes its folder."""
+def _check_save_dir(save_dir, name=None):
+    """A UserError unless save_dir is a folder or can be made one (no file on its path) that can hold a folder
+    named `name`, checked before any work: a run should not load its data only to fail when it makes its folder."""
     existing = os.path.abspath(save_dir)
     while not os.path.exists(existing):  # the nearest part of the path that is there already
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f"--save-dir {save_dir}: {existing} is a file, not a folder")
+    if name is not None:
+        limit = os.pathconf(existing, 'PC_NAME_MAX')
+        if len(os.fsencode(name)) > limit:
+            raise UserError(f"--run-name is {len(os.fsencode(name))} bytes long, more than a file name may be "
+                            f"here ({limit} bytes)")
 
 
 def _show(value):
@@ -279,6 +318,7 @@ def run_folder(args, script, argv=None, resumable=True):
     try:
         run_dir = resume if resume is not None else make_run_dir(args.save_dir, args.run_name, script, args.overwrite)
         with _locked(run_dir):
+            remove_temporaries(run_dir)
             if resume is None:
                 try:
                     write_json(os.path.join(run_dir, CONFIG), {'script': f'{script}.py', 'args': vars(args),
@@ -380,12 +420,31 @@ def machine():
 
 # ----------------------------------------------------------------------------- files
 
+TEMPORARY = '.tmp-'  # atomic_write's temporary files are .<name>.tmp-<8 random characters><extension>
+_TEMPORARY_NAME = re.compile(r'^\..+\.tmp-[a-z0-9_]{8}(\.\w+)?$')
+
+
+def remove_temporaries(run_dir):
+    """Removes the temporary files that processes killed while writing (kill -9) left in run_dir and in its
+    subfolders that are no run folders of their own (a sweep's); called with the folder's lock held, so no
+    live process is writing them. Returns their paths."""
+    removed = []
+    for parent, folders, names in os.walk(run_dir):
+        folders[:] = [f for f in folders if not os.path.exists(os.path.join(parent, f, CONFIG))]
+        for name in names:
+            if _TEMPORARY_NAME.match(name):
+                os.remove(os.path.join(parent, name))
+                removed.append(os.path.join(parent, name))
+    return removed
+
+
 def atomic_write(path, write):
     """Calls write(tmp_path) for a new temporary file beside `path` (with its extension), flushes it to the
     disk and renames it to `path`: a crash, a kill or a full disk leaves the old file or the new one under
     that name, never half of one. The temporary name is unique, so two processes never share it."""
     folder, name = os.path.split(path)
-    handle, tmp_path = tempfile.mkstemp(dir=folder or '.', prefix=f'.{name}.', suffix=os.path.splitext(name)[1])
+    handle, tmp_path = tempfile.mkstemp(dir=folder or '.', prefix=f'.{name}{TEMPORARY}',
+                                        suffix=os.path.splitext(name)[1])
     os.close(handle)
     try:
         os.chmod(tmp_path, _file_mode())
@@ -446,6 +505,12 @@ def _json_default(obj):
     if isinstance(obj, (np.generic, np.ndarray)):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def markdown_text(text):
+    """text as literal Markdown: every character Markdown could read as markup (a table's '|', a link's
+    brackets, emphasis, HTML) escaped, whitespace runs made one space. For strings that come from data files."""
+    return re.sub(r'([\\`*_{}\[\]()#+\-.!|<>~$])', r'\\\1', ' '.join(str(text).split()))
 
 
 def progress_bar(total, **options):

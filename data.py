@@ -28,6 +28,7 @@ import zlib
 
 import numpy as np
 
+import readback
 import safe_pickle
 from cli import UserError
 
@@ -51,6 +52,8 @@ CIFAR_FILE_MD5 = {
     'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb', 'test_batch': '40351d587109b95175f43aff81a1287e',
 }
 CIFAR_TRAIN_SIZE = 50_000
+CIFAR_MAX_FILE_BYTES = 64 << 20  # a batch of 10,000 images is 31 MB; a file twice that is no CIFAR-10 file
+CLASS_NAME_MAX = 40              # 'automobile' is 10: a name is a label in tables and figures, not a text
 CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 
 def shuffle_data(data_x, data_y, rng):
@@ -65,10 +68,9 @@ def unpickle(path):
     as read-only views of the file's bytes. safe_pickle reads it, since pickle.load would run any code a file
     names; a one-line DataError names the file if it is anything but a CIFAR-10 file."""
     try:
-        with open(path, 'rb') as f:
-            raw = f.read()
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({_one_line(error)})")
+        raw = readback.read_bytes(path, CIFAR_MAX_FILE_BYTES)  # a regular file, no bigger than any CIFAR-10 file
+    except readback.ReadBackError as error:
+        raise DataError(_one_line(error))
     try:
         return safe_pickle.loads(raw)
     except Exception as error:  # a truncated or foreign pickle fails in many ways
@@ -126,6 +128,13 @@ def load_cifar10(data_dir, download=True):
         names = meta.get('label_names') if isinstance(meta, dict) else None
         if not (isinstance(names, list) and len(names) == 10 and all(isinstance(n, str) for n in names)):
             raise DataError(f"{meta_path}: expected a dict with 'label_names', a list of 10 class names")
+        bad = next((n for n in names if not (0 < len(n) <= CLASS_NAME_MAX and n.isprintable() and n.strip() == n)),
+                   None)
+        if bad is not None:
+            raise DataError(f"{meta_path}: class name {_one_line(repr(bad), 60)} is not 1 to {CLASS_NAME_MAX} "
+                            f"printable characters")
+        if len(set(names)) < len(names):
+            raise DataError(f"{meta_path}: two classes share a name ({', '.join(_one_line(n, 40) for n in names)})")
         class_names = names
     return {
         'train_x': np.concatenate([x for x, _ in train]), 'train_y': np.concatenate([y for _, y in train]),

@@ -71,7 +71,8 @@ def multiclass_hinge_loss(logits: torch.Tensor, target: torch.Tensor, delta=1., 
 def comparison_table(results):
     """Markdown table of {run name: train_cifar results}: accuracies, epochs to best, speed, per-class recall."""
     class_names = list(next(iter(results.values()))['test']['recall'])
-    header = ['run', 'lr', 'valid acc', 'test acc', 'epochs to best', 's/epoch'] + [f'recall {n}' for n in class_names]
+    header = ['run', 'lr', 'valid acc', 'test acc', 'epochs to best', 's/epoch'] + [
+        f'recall {cli.markdown_text(n)}' for n in class_names]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for name, r in results.items():
         cells = [name, f"{r['config']['lr']:g}", f"{r['best_valid_acc']:.2%}", f"{r['test']['accuracy']:.2%}",

@@ -274,11 +274,12 @@ def task3_section(report):
 def task4_section(report):
     results, other = report.json('task4', 'results.json'), report.json('task4_lambda', 'results.json')
     test, name = results['test'], results['data']['name']
+    md = cli.markdown_text  # class names come from the data set's batches.meta
     per_class = ['| class | precision | recall |', '|---|---:|---:|'] + [
-        f"| {c} | {percent(test['precision'][c])} | {percent(test['recall'][c])} |" for c in test['precision']]
+        f"| {md(c)} | {percent(test['precision'][c])} | {percent(test['recall'][c])} |" for c in test['precision']]
     worst = ['| image | true class | loss | top 3 (softmax probability) |', '|---:|---|---:|---|'] + [
-        f"| {m['index']} | {m['true']} | {m['loss']:.2f} | " + ', '.join(f"{c} {p:.2f}" for c, p in m['top3']) + ' |'
-        for m in results['worst_mistakes']]
+        f"| {m['index']} | {md(m['true'])} | {m['loss']:.2f} | " + ', '.join(f"{md(c)} {p:.2f}" for c, p in m['top3'])
+        + ' |' for m in results['worst_mistakes']]
     init, final = report.filters_of('task4_lambda')
     report.add(
         f"### CIFAR-10 with the lab's model (`python train_cifar.py`) — {name}",

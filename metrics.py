@@ -47,7 +47,10 @@ def scores(y_true, y_pred, loss, num_classes):
     return {'loss': float(loss), 'confusion': confusion, **scores_from_confusion(confusion)}
 
 
-def predict_logits(model, x, batch_size=500):
+EVAL_BATCH_SIZE = 500  # evaluation needs no gradients, and bigger batches only save a little time
+
+
+def predict_logits(model, x, batch_size=EVAL_BATCH_SIZE):
     """Forward pass only, in eval mode, batch by batch: x (N, ...) -> logits (N, C) on the CPU.
 
     The model's training mode is restored afterwards; no gradients are recorded, so nothing here can
@@ -74,7 +77,7 @@ def scores_from_logits(logits, y, loss_fn=None):
     return scores(y.numpy(), logits.argmax(dim=1).numpy(), loss, logits.shape[1])
 
 
-def evaluate(model, x, y, loss_fn=None, batch_size=500):
+def evaluate(model, x, y, loss_fn=None, batch_size=EVAL_BATCH_SIZE):
     """The lab's evaluate(): a PyTorch model on inputs x (N, ...) with int64 labels y (N,) -> scores().
 
     Runs the forward pass only (torch.no_grad, eval mode, previous mode restored) and never touches

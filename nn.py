@@ -77,7 +77,10 @@ def train(net, loss, data, run, batch_size, lr_policy, shuffle=True, draw_every=
         draw_conv_filters(epoch, run.step, net[0], run.dir)
 
 
-def evaluate(net, loss, x, y, batch_size=500):
+EVAL_BATCH_SIZE = 500  # evaluation needs no gradients, and bigger batches only save a little time
+
+
+def evaluate(net, loss, x, y, batch_size=EVAL_BATCH_SIZE):
     """The net on x (N, ...) with labels y (N,), forward passes only -> metrics.scores(): mean data loss,
     accuracy, confusion matrix, precision and recall. The data loss is the cross-entropy, without the L2 term
     of a RegularizedLoss (regularization() gives that)."""

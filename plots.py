@@ -16,6 +16,11 @@ import skimage.io  # noqa: E402
 import cli  # noqa: E402
 
 
+def label(text):
+    """text (a class name from a data file) as matplotlib shows it literally: '$' would start mathtext."""
+    return str(text).replace('$', r'\$')
+
+
 def filter_grid(weights, cols=8, border=1, scale=8):
     """Filters (F, C, k, k) -> one uint8 image: a grid of filters on a black border.
 
@@ -168,8 +173,8 @@ def save_confusion_matrix(path, confusion, class_names, title=None):
     image = ax.imshow(confusion, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046)
     ticks = np.arange(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
-    ax.set_yticks(ticks, class_names)
+    ax.set_xticks(ticks, [label(name) for name in class_names], rotation=45, ha="right")
+    ax.set_yticks(ticks, [label(name) for name in class_names])
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     threshold = confusion.max() / 2
@@ -187,7 +192,7 @@ def save_image_grid(path, images, titles, cols=5, title=None):
         ax.axis("off")
     for ax, image, image_title in zip(axes.flat, images, titles):
         ax.imshow(image, interpolation="nearest")
-        ax.set_title(image_title, fontsize=8)
+        ax.set_title(label(image_title), fontsize=8)
     return _save(fig, path, title)
 
 

@@ -26,6 +26,7 @@ A checkpoint read back must look exactly like what this code writes (names, shap
 values, counts that fit together and fit the run's flags): anything else stops the run with one line naming
 the file before anything in its folder changes. A run that diverges never overwrites its last good checkpoint.
 """
+import json
 import math
 import os
 import time
@@ -65,7 +66,10 @@ class Run:
         self.resumed = resume and os.path.exists(self.path)
         if self.resumed:
             self._restore()
-            print(self._where('resuming'))
+            if self.finished:
+                self._check_results_file()
+            else:
+                print(self._where('resuming'))
         self.epoch = self.epochs_done  # the epoch in progress, from epochs(); before it, the last one done
 
     @property
@@ -188,6 +192,13 @@ class Run:
             raise checkpoint.unreadable(self.path, ValueError(f"'rng' is not a generator state ({error})"))
         for key in ('epochs_done', 'steps_done', 'step', 'epoch_seconds', 'results'):
             setattr(self, key, fields[key])
+
+    def _check_results_file(self):
+        """A finished run's results.json must be what finish() wrote: the checkpoint's results, to the bit."""
+        path = os.path.join(self.dir, 'results.json')
+        if readback.read_json(path, dict) != json.loads(cli.json_text(self.results)):
+            raise readback.ReadBackError(f"{path}: not the results of this finished run (its checkpoint holds "
+                                         f"others); start the run again with --overwrite")
 
     def _run_fields(self, text):
         """The 'run' JSON of a checkpoint, checked field by field against what this code writes and against

@@ -77,6 +77,8 @@ def _check_opcodes(raw):
                 if pos == 0:
                     raise EOFError("the pickle ends inside a GLOBAL")
         elif name == 'STOP':
+            if pos < len(raw):  # CIFAR-10's files end at their STOP
+                raise pickle.UnpicklingError(f"{len(raw) - pos} bytes after the pickle's end")
             return
     raise pickle.UnpicklingError(f"more than {max_opcodes} opcodes, more than a file of {len(raw)} bytes holds")
 

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+import checkpoint
 import cli
 import data
 import fast_layers
@@ -84,12 +85,19 @@ def parse_args(argv=None):
 
 
 def check_mnist_args(args):
-    """What depends on MNIST's size (the published files'), checked before any work."""
+    """What depends on MNIST's size (the published files') and on the machine's memory, checked before any work."""
     num_train = data.MNIST_TRAIN_SIZE + data.MNIST_VALID_SIZE - args.valid_size
     if num_train <= 0:
         raise cli.UserError(f"--valid-size {args.valid_size} leaves no MNIST training images")
     cli.check_batch_size(args.batch_size, min(args.limit or num_train, num_train),
                          "left by --limit" if args.limit else "of MNIST")
+    # what the textbook layers keep per image (the most of any layers here), the gradients as much again, and the
+    # data set itself; PyTorch's net keeps less
+    rows = summary.model_summary(make_net(layers, 1, np.dtype(args.dtype).type), 1)
+    per_image = summary.memory(rows)['kept_bytes'][args.dtype]
+    images = data.MNIST_TRAIN_SIZE + data.MNIST_VALID_SIZE + 10_000
+    cli.check_memory(f"--batch-size {args.batch_size}",
+                     3 * per_image * max(args.batch_size, nn.EVAL_BATCH_SIZE) + images * 784 * np.dtype(args.dtype).itemsize)
 
 
 def write_summary(args, run_dir, show=True):
@@ -140,6 +148,7 @@ def train_model(args, mnist, run_dir, make_loss=lambda net: layers.SoftmaxCrossE
     run = Run(run_dir, args.seed, args.resume is not None, args.epochs, len(mnist['train_x']), args.batch_size,
               arrays=nn.parameters(net), results={'script': f'{SCRIPT}.py', 'config': vars(args)})
     if run.finished:
+        checkpoint.check_same_arrays(os.path.join(run_dir, 'weights.npz'), nn.parameters(net))
         print(f"{run_dir} finished already: test accuracy {run.results['test']['accuracy']:.2%}")
         return run.results, net
     print(f"{args.layers} layers ({LAYERS[args.layers].__name__}.py), {args.dtype}")

@@ -65,11 +65,22 @@ def parse_args(argv=None):
 
 
 def check_cifar_args(args):
+    """What depends on CIFAR-10's size (the published files') and on the machine's memory, before any work."""
     num_train = data.CIFAR_TRAIN_SIZE - args.valid_size
     if num_train <= 0:
         raise cli.UserError(f"--valid-size {args.valid_size} leaves no CIFAR-10 training images")
     cli.check_batch_size(args.batch_size, min(args.limit or num_train, num_train),
                          "left by --limit" if args.limit else "of CIFAR-10")
+    # every layer's output per image, kept for backward with its gradient and ReLU's copy; and the data set
+    outputs = []
+    model = ConvNet(args.padding)
+    for module in model.children():
+        module.register_forward_hook(lambda module, inputs, output: outputs.append(output.numel()))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    images = data.CIFAR_TRAIN_SIZE + 10_000
+    cli.check_memory(f"--batch-size {args.batch_size}",
+                     4 * 4 * sum(outputs) * max(args.batch_size, metrics.EVAL_BATCH_SIZE) + images * 3072 * 4)
 
 
 class ConvNet(nn.Module):
@@ -177,6 +188,9 @@ def train_model(args, dataset, run_dir, loss_fn=F.cross_entropy, loss_name='Cros
               state_dicts={'model': model, 'optimizer': optimizer, 'scheduler': scheduler},
               results={'script': f'{SCRIPT}.py', 'config': vars(args), 'data': data_info, 'loss': loss_name})
     if run.finished:
+        best_path = os.path.join(run_dir, BEST)
+        checkpoint.load_state_dict(ConvNet(args.padding, len(dataset['class_names'])), checkpoint.load_torch(best_path),
+                                   best_path)
         print(f"{run_dir} finished already: test accuracy {run.results['test']['accuracy']:.2%}")
         return run.results
     if not run.resumed:

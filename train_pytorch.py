@@ -209,6 +209,7 @@ def train_model(args, tensors, run_dir, device):
               state_dicts={'model': model, 'optimizer': optimizer, 'scheduler': scheduler},
               results={'script': f'{SCRIPT}.py', 'config': vars(args)})
     if run.finished:
+        checkpoint.check_same_arrays(os.path.join(run_dir, 'weights.npz'), numpy_params(model))
         print(f"{run_dir} finished already: test accuracy {run.results['test']['accuracy']:.2%}")
         return run.results, model
     writer = None
