@@ -82,9 +82,9 @@ def prepare_cifar10(data_dir, valid_size=5000, seed=42, download=True):
     the first `valid_size` of them for validation, the per-channel mean/std of the rest applied to all
     three splits.
 
-    Images float32 (N, 3, 32, 32) in normalised units, labels int64; 'mean' and 'std' (3,) are
-    per channel on the [0, 1] scale, for undoing the normalisation (plots.draw_image); also
-    'class_names' and 'originals' from load_cifar10.
+    Images float32 (N, 3, 32, 32) in normalised units, labels int64; 'data_mean' and 'data_std' (3,) per
+    channel on the 0-255 scale of the pixels, as the lab's code computes them, for undoing the normalisation
+    (plots.draw_image); also 'class_names' and 'originals' from load_cifar10.
     """
     raw = load_cifar10(data_dir, download)
     num_images = raw['train_x'].shape[0]
@@ -94,17 +94,18 @@ def prepare_cifar10(data_dir, valid_size=5000, seed=42, download=True):
     valid_x, valid_y, train_x, train_y = (shuffled_x[:valid_size], shuffled_y[:valid_size],
                                           shuffled_x[valid_size:], shuffled_y[valid_size:])
     mean, std = _channel_mean_std(train_x)
+    data_mean, data_std = 255 * mean, 255 * std
 
     def normalise(images):  # in place on the float copy: the training split alone is 550 MB
         x = images.astype(np.float32)
-        x -= 255 * mean[:, None, None]
-        x /= 255 * std[:, None, None]
+        x -= data_mean[:, None, None]
+        x /= data_std[:, None, None]
         return x
 
     return {
         'train_x': normalise(train_x), 'train_y': train_y, 'valid_x': normalise(valid_x), 'valid_y': valid_y,
-        'test_x': normalise(raw['test_x']), 'test_y': raw['test_y'],
-        'mean': mean, 'std': std, 'class_names': raw['class_names'], 'originals': raw['originals'],
+        'test_x': normalise(raw['test_x']), 'test_y': raw['test_y'], 'data_mean': data_mean, 'data_std': data_std,
+        'class_names': raw['class_names'], 'originals': raw['originals'],
     }
 
 

@@ -8,7 +8,8 @@ import os
 
 import matplotlib
 
-matplotlib.use("Agg")  # scripts run headless; never open a window
+if not os.environ.get('DISPLAY') and not os.environ.get('MPLBACKEND'):
+    matplotlib.use("Agg")  # no screen: draw into files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import skimage.io  # noqa: E402
@@ -56,11 +57,19 @@ def draw_conv_filters(epoch, step, weights, save_dir, prefix='conv1'):
     return path
 
 
-def draw_image(img, mean, std):
-    """The lab's function: one normalised image (3, H, W) -> uint8 RGB (H, W, 3), normalisation undone.
-    mean and std (3,) are per channel on the [0, 1] scale (data.prepare_cifar10)."""
-    rgb = img.transpose(1, 2, 0) * std + mean
-    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+def draw_image(img, mean, std, path=None):
+    """The lab's function: one normalised image (3, H, W) with its normalisation undone, mean and std per channel
+    on the 0-255 scale of the pixels, as the lab's code computes data_mean and data_std. Saves it as a PNG at
+    `path`, or without one shows it in a window (as the lab's skimage.io.imshow does); returns it, uint8 RGB
+    (H, W, 3)."""
+    img = img.transpose(1, 2, 0) * std + mean
+    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    if path is not None:
+        cli.atomic_write(path, lambda tmp_path: skimage.io.imsave(tmp_path, img, check_contrast=False))
+    elif plt.get_backend().lower() != 'agg':
+        plt.imshow(img, interpolation='nearest')
+        plt.show()
+    return img
 
 
 def _plot_curves(ax, history, key, panel_title):

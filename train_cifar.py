@@ -114,7 +114,7 @@ def cifar10_tensors(args, device):
     if args.limit:
         dataset['train_x'], dataset['train_y'] = dataset['train_x'][:args.limit], dataset['train_y'][:args.limit]
     cli.check_batch_size(args.batch_size, len(dataset['train_y']), f"in {args.data_dir}")
-    dataset.update({key: prepared[key] for key in ('mean', 'std', 'class_names', 'originals')})
+    dataset.update({key: prepared[key] for key in ('data_mean', 'data_std', 'class_names', 'originals')})
     # every number measured on the stand-in must say so
     dataset['name'] = 'CIFAR-10' if prepared['originals'] else 'CIFAR-10 (JPEG stand-in)'
     print(f"{os.path.join(args.data_dir, data.CIFAR_FOLDER)}: "
@@ -182,7 +182,7 @@ def train_model(args, dataset, run_dir, loss_fn=F.cross_entropy, loss_name='Cros
     optimizer = torch.optim.SGD([{'params': weights, 'weight_decay': args.weight_decay},
                                  {'params': biases, 'weight_decay': 0.0}], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.gamma)
-    data_info = {key: dataset[key] for key in ('name', 'originals', 'mean', 'std')} | {
+    data_info = {key: dataset[key] for key in ('name', 'originals', 'data_mean', 'data_std')} | {
         f'num_{split}': len(dataset[f'{split}_y']) for split in ('train', 'valid', 'test')}
     run = Run(run_dir, args.seed, args.resume is not None, args.epochs, len(dataset['train_y']), args.batch_size,
               state_dicts={'model': model, 'optimizer': optimizer, 'scheduler': scheduler},
@@ -219,7 +219,7 @@ def test(model, dataset, run, loss_fn, loss_name):
     test_x = dataset['test_x'].cpu().numpy()
     plots.save_image_grid(
         os.path.join(run.dir, 'misclassified.png'),
-        [plots.draw_image(test_x[m['index']], dataset['mean'], dataset['std']) for m in mistakes],
+        [plots.draw_image(test_x[m['index']], dataset['data_mean'], dataset['data_std']) for m in mistakes],
         [f"true: {m['true']}\n" + '\n'.join(f"{name} {p:.2f}" for name, p in m['top3']) for m in mistakes],
         title=f"{dataset['name']}: the {len(mistakes)} misclassified test images with the highest "
               f"{loss_name.lower()}; true class and top-3 predictions" + (

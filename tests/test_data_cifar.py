@@ -5,6 +5,7 @@ import urllib.error
 
 import numpy as np
 import pytest
+import skimage.io
 
 import data
 import plots
@@ -143,23 +144,24 @@ def test_split_sizes_and_normalisation(tmp_path):
     np.testing.assert_allclose(prepared['train_x'].mean(axis=(0, 2, 3), dtype=np.float64), 0, atol=1e-5)
     np.testing.assert_allclose(prepared['train_x'].std(axis=(0, 2, 3), dtype=np.float64), 1, atol=1e-5)
 
-    # the same statistics, computed the lab's way from the raw training part, normalise all three splits
+    # the same statistics, computed the lab's way (its data_mean and data_std, NHWC on the 0-255 scale) from
+    # the raw training part, normalise all three splits
     raw = data.load_cifar10(root, download=False)
     order = np.random.default_rng(3).permutation(500)
-    train = raw['train_x'][order[50:]].astype(np.float64) / 255
-    mean, std = train.mean(axis=(0, 2, 3)), train.std(axis=(0, 2, 3))
-    np.testing.assert_allclose(prepared['mean'], mean, rtol=1e-6)
-    np.testing.assert_allclose(prepared['std'], std, rtol=1e-6)
-    expected_valid = (raw['train_x'][order[:50]] / 255 - mean[:, None, None]) / std[:, None, None]
-    np.testing.assert_allclose(prepared['valid_x'], expected_valid, atol=1e-5)
+    train = raw['train_x'][order[50:]].transpose(0, 2, 3, 1).astype(np.float64)
+    data_mean, data_std = train.mean((0, 1, 2)), train.std((0, 1, 2))
+    np.testing.assert_allclose(prepared['data_mean'], data_mean, rtol=1e-6)
+    np.testing.assert_allclose(prepared['data_std'], data_std, rtol=1e-6)
+    mean, std = data_mean[:, None, None], data_std[:, None, None]
+    np.testing.assert_allclose(prepared['valid_x'], (raw['train_x'][order[:50]] - mean) / std, atol=1e-5)
     np.testing.assert_array_equal(prepared['valid_y'], raw['train_y'][order[:50]])
-    expected_test = (raw['test_x'] / 255 - mean[:, None, None]) / std[:, None, None]
-    np.testing.assert_allclose(prepared['test_x'], expected_test, atol=1e-5)
+    np.testing.assert_allclose(prepared['test_x'], (raw['test_x'] - mean) / std, atol=1e-5)
 
-    # de-normalising (the lab's draw_image) gives back the original pixels
+    # de-normalising with the lab's draw_image(img, data_mean, data_std) gives back the original pixels
     for image, original in zip(prepared['test_x'][:5], raw['test_x'][:5]):
-        np.testing.assert_array_equal(plots.draw_image(image, prepared['mean'], prepared['std']),
-                                      original.transpose(1, 2, 0))
+        np.testing.assert_array_equal(plots.draw_image(image, data_mean, data_std), original.transpose(1, 2, 0))
+    plots.draw_image(prepared['test_x'][0], data_mean, data_std, str(tmp_path / 'image.png'))
+    np.testing.assert_array_equal(skimage.io.imread(tmp_path / 'image.png'), raw['test_x'][0].transpose(1, 2, 0))
     # the seed picks the validation images
     other = data.prepare_cifar10(root, valid_size=50, seed=4, download=False)
     assert not np.array_equal(other['valid_y'], prepared['valid_y']) or \
@@ -180,6 +182,6 @@ def test_real_stand_in_counts_and_statistics(cifar_dir):
     counts = np.bincount(np.concatenate([prepared['train_y'], prepared['valid_y']]), minlength=10)
     np.testing.assert_array_equal(counts, 5000)
     np.testing.assert_array_equal(np.bincount(prepared['test_y'], minlength=10), 1000)
-    np.testing.assert_allclose(prepared['mean'], [0.4913, 0.4821, 0.4465], atol=1.5e-3)  # of the 45,000
-    np.testing.assert_allclose(prepared['std'], [0.2452, 0.2428, 0.2606], atol=1.5e-3)
+    np.testing.assert_allclose(prepared['data_mean'] / 255, [0.4913, 0.4821, 0.4465], atol=1.5e-3)  # of the 45,000
+    np.testing.assert_allclose(prepared['data_std'] / 255, [0.2452, 0.2428, 0.2606], atol=1.5e-3)
     np.testing.assert_allclose(prepared['train_x'][:5000].mean(axis=(0, 2, 3)), 0, atol=0.05)

@@ -59,9 +59,10 @@ def test_quick_run_writes_every_file(synthetic_cifar, tmp_path):
     results = json.loads((run_dir / 'results.json').read_text())
     assert results['config']['epochs'] == 1 and results['config']['padding'] == 2
     assert results['loss'] == 'Cross-entropy loss'
-    assert results['data'] | {'mean': None, 'std': None} == {
+    assert results['data'] | {'data_mean': None, 'data_std': None} == {
         'name': 'CIFAR-10 (JPEG stand-in)', 'originals': False, 'num_train': 100, 'num_valid': 40, 'num_test': 40,
-        'mean': None, 'std': None}
+        'data_mean': None, 'data_std': None}
+    assert all(0 < value < 255 for value in results['data']['data_mean'] + results['data']['data_std'])
     [record] = results['epochs']
     assert record['lr'] == 0.1 and results['best_epoch'] == 1 and record['valid_acc'] == results['best_valid_acc']
     assert results['seconds_per_epoch'] > 0 and results['images_per_second'] > 0
@@ -152,5 +153,5 @@ def test_the_printed_worst_mistakes_are_the_ones_drawn(synthetic_cifar, tmp_path
         assert title.splitlines()[0] == f"true: {mistake['true']}"
         assert title.splitlines()[1:] == [f"{name} {p:.2f}" for name, p in mistake['top3']]
         np.testing.assert_array_equal(image, plots.draw_image(prepared['test_x'][mistake['index']],
-                                                              prepared['mean'], prepared['std']))
+                                                              prepared['data_mean'], prepared['data_std']))
         assert mistake['true'] == prepared['class_names'][prepared['test_y'][mistake['index']]]
