@@ -317,7 +317,7 @@ def run_folder(args, script, argv=None, resumable=True):
     run_dir, resume = None, getattr(args, 'resume', None)  # a script without checkpoints has no --resume
     try:
         run_dir = resume if resume is not None else make_run_dir(args.save_dir, args.run_name, script, args.overwrite)
-        with _locked(run_dir):
+        with locked(run_dir):
             remove_temporaries(run_dir)
             if resume is None:
                 try:
@@ -348,7 +348,7 @@ def run_folder(args, script, argv=None, resumable=True):
 
 
 @contextlib.contextmanager
-def _locked(run_dir):
+def locked(run_dir):
     """An exclusive flock on the folder itself for the block (no lock file to leave behind); a UserError if
     another process holds it."""
     descriptor = os.open(run_dir, os.O_RDONLY)

@@ -4,19 +4,21 @@
                                                        # data split, seed, schedule and evaluation)
     python hinge_loss.py --data-dir data --compare     # ... and with cross-entropy, then compare the two:
                                                        # compare.md, compare.json, compare.png
+    python hinge_loss.py --data-dir data --compare-with runs/<train_cifar-run>   # compare with a finished
+                                                       # train_cifar.py run of the same settings, not trained again
+    python hinge_loss.py --data-dir data --tune 0.3 0.1 0.03 0.01 --limit 10000 --epochs 3   # both losses'
+                                                       # learning rates, tuned the same way on the same budget
     python hinge_loss.py --resume runs/<run-name>      # go on after Ctrl-C or a kill: a finished loss is
                                                        # kept, the stopped one continues from its checkpoint
 
 The training itself is train_cifar.py's (train_model, with this file's loss); this file defines the loss
-and the comparison. With --compare the cross-entropy run uses train_cifar.py's learning rate, 0.1.
+and the comparison. With --compare the cross-entropy run uses train_cifar.py's learning rate.
 The hinge model's scores are not probabilities: the figure of misclassified images shows their softmax
 for display only, and says so.
 
-Tuning: only the learning rate. The hinge loss sums up to C-1 = 9 margin terms per image, so its gradient
-is several times cross-entropy's, and at cross-entropy's lr 0.1 it diverges. `python hinge_loss.py --data-dir
-data --limit 3000 --batch-size 25 --epochs 2 --lr LR` (CIFAR-10 JPEG stand-in): lr 0.1 -> the loss became NaN
-at step 65; 0.03 -> 32.16%, 0.01 -> 34.90%, 0.003 -> 27.16% validation accuracy. The default is 0.01.
-delta stays 1: with this unconstrained last layer a larger delta mostly rescales the scores.
+Tuning: only the learning rate, of both losses alike (--tune): the hinge loss sums up to C-1 = 9 margin terms
+per image, so its gradient is several times cross-entropy's, and its best rate is lower. delta stays 1:
+with this unconstrained last layer a larger delta mostly rescales the scores.
 """
 import argparse
 import functools
@@ -27,10 +29,14 @@ import torch.nn.functional as F
 
 import cli
 import plots
+import readback
 import train_cifar
+from run import Diverged
 
 SCRIPT = 'hinge_loss'
 HINGE_LR = 0.01  # its gradients are several times cross-entropy's: at train_cifar.py's 0.1 it diverges
+# What a cross-entropy run must share with the hinge run to be compared with it (--compare-with): all but lr.
+SAME_SETTINGS = ('epochs', 'batch_size', 'gamma', 'weight_decay', 'padding', 'valid_size', 'limit', 'seed')
 
 
 def multiclass_hinge_loss(logits: torch.Tensor, target: torch.Tensor, delta=1., reduction='mean'):
@@ -89,26 +95,96 @@ def make_parser():
                   gamma=train_cifar.GAMMA, weight_decay=train_cifar.WEIGHT_DECAY, padding=train_cifar.PADDING,
                   valid_size=train_cifar.VALID_SIZE)
     parser.add_argument('--delta', type=cli.non_negative_float, default=1.0, help='the hinge margin (default: 1.0)')
-    parser.add_argument('--compare', action='store_true',
-                        help='also train with cross-entropy (same data, seed and schedule) and compare the two')
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument('--compare', action='store_true',
+                      help='also train with cross-entropy (same data, seed and schedule) and compare the two')
+    mode.add_argument('--compare-with', metavar='RUN_DIR',
+                      help='compare with the cross-entropy run in RUN_DIR, a finished train_cifar.py run of the '
+                           'same settings (but its lr), instead of training one again')
+    mode.add_argument('--tune', metavar='LR', type=cli.positive_float, nargs='+',
+                      help='train both losses at each of these learning rates (on the budget --limit and --epochs '
+                           'give) and report the best of each by validation accuracy')
     return parser
 
 
-def main(argv=None):
-    args = cli.parse_args(make_parser(), SCRIPT, argv)
+def parse_args(argv=None):
+    parser = make_parser()
+    args = cli.parse_args(parser, SCRIPT, argv)
+    if args.tune:
+        cli.refuse_flags(parser, argv, 'with --tune (it tries the learning rates it lists)', set(vars(args)) - {'lr'})
     train_cifar.check_cifar_args(args)
+    return args
+
+
+def cross_entropy_run(args):
+    """The results of --compare-with's run, checked to be a finished train_cifar.py run of the same settings."""
+    path = os.path.join(args.compare_with, 'results.json')
+    results = readback.read_json(path, {'script': str, 'config': dict, 'finished': bool, 'epochs': list, 'test': dict})
+    if results['script'] != 'train_cifar.py' or not results['finished']:
+        raise cli.UserError(f"--compare-with {args.compare_with}: not a finished train_cifar.py run ({path})")
+    differ = [key for key in SAME_SETTINGS if results['config'].get(key) != getattr(args, key)]
+    if differ:
+        raise cli.UserError(f"--compare-with {args.compare_with}: its --{differ[0].replace('_', '-')} "
+                            f"{results['config'].get(differ[0])} differs from this run's {getattr(args, differ[0])}")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cross_entropy = cross_entropy_run(args) if args.compare_with else None  # refused before any work
     dataset = train_cifar.cifar10_tensors(args, cli.torch_device(args.device))
-    runs = {'hinge': (args, functools.partial(multiclass_hinge_loss, delta=args.delta), 'Multiclass hinge loss')}
-    if args.compare:
-        runs['cross-entropy'] = (argparse.Namespace(**{**vars(args), 'lr': train_cifar.LR}), F.cross_entropy,
-                                 'Cross-entropy loss')
-    results = {}
+    hinge = functools.partial(multiclass_hinge_loss, delta=args.delta)
     with cli.run_folder(args, SCRIPT, argv) as run_dir:
-        for name, (run_args, loss_fn, loss_name) in runs.items():
-            sub_dir = cli.make_run_dir(run_dir, name, SCRIPT, overwrite=True)
-            results[name] = train_cifar.train_model(run_args, dataset, sub_dir, loss_fn, loss_name)
+        if args.tune:
+            tune(args, dataset, run_dir, {'hinge': (hinge, 'Multiclass hinge loss'),
+                                          'cross-entropy': (F.cross_entropy, 'Cross-entropy loss')})
+            return
+        sub_dir = cli.make_run_dir(run_dir, 'hinge', SCRIPT, overwrite=True)
+        results = {'hinge': train_cifar.train_model(args, dataset, sub_dir, hinge, 'Multiclass hinge loss')}
         if args.compare:
+            sub_dir = cli.make_run_dir(run_dir, 'cross-entropy', SCRIPT, overwrite=True)
+            results['cross-entropy'] = train_cifar.train_model(
+                argparse.Namespace(**{**vars(args), 'lr': train_cifar.LR}), dataset, sub_dir, F.cross_entropy,
+                'Cross-entropy loss')
+        if cross_entropy is not None:
+            results['cross-entropy'] = cross_entropy
+        if len(results) == 2:
             compare(run_dir, results, dataset['name'], args.delta)
+
+
+def tune(args, dataset, run_dir, losses):
+    """--tune: every loss of `losses` ({name: (loss_fn, loss_name)}) at every learning rate of args.tune, each
+    into <run_dir>/<name>_lr<lr>/; tune.json and tune.md list each run's best validation accuracy (or that it
+    diverged) and the best learning rate of each loss."""
+    rows = []
+    for name, (loss_fn, loss_name) in losses.items():
+        for lr in args.tune:
+            sub_dir = cli.make_run_dir(run_dir, f'{name}_lr{lr:g}', SCRIPT, overwrite=True)
+            print(f"--- {name}, lr {lr:g} -> {sub_dir}")
+            try:
+                results = train_cifar.train_model(argparse.Namespace(**{**vars(args), 'lr': lr}), dataset, sub_dir,
+                                                  loss_fn, loss_name)
+                rows.append({'loss': name, 'lr': lr, 'best_valid_acc': results['best_valid_acc'],
+                             'best_epoch': results['best_epoch'], 'diverged': None})
+            except Diverged as error:  # a rate too high is a result of the tuning, not its failure
+                print(f"diverged: {error}")
+                rows.append({'loss': name, 'lr': lr, 'best_valid_acc': None, 'best_epoch': None,
+                             'diverged': str(error).split(';')[0]})
+    best = {name: max((row for row in rows if row['loss'] == name and row['diverged'] is None),
+                      key=lambda row: row['best_valid_acc'], default={'lr': None})['lr'] for name in losses}
+    lines = ['| loss | ' + ' | '.join(f'lr {lr:g}' for lr in args.tune) + ' | best lr |',
+             '|---|' + '---:|' * (len(args.tune) + 1)]
+    for name in losses:
+        cells = [f"{row['best_valid_acc']:.2%}" if row['diverged'] is None else 'diverged'
+                 for row in rows if row['loss'] == name]
+        lines.append(f"| {name} | " + ' | '.join(cells) + f" | {best[name]} |")
+    budget = {key: getattr(args, key) for key in ('limit', 'epochs', 'batch_size', 'gamma', 'seed')}
+    note = (f"{dataset['name']}; best validation accuracy of each run, trained on {len(dataset['train_y'])} images "
+            f"for {args.epochs} epoch(s) (batch {args.batch_size}, gamma {args.gamma:g}, seed {args.seed}).")
+    print('\n'.join(lines) + f"\n\n{note}")
+    cli.write_text(os.path.join(run_dir, 'tune.md'), '\n'.join(lines) + f"\n\n{note}\n")
+    cli.write_json(os.path.join(run_dir, 'tune.json'), {'budget': budget, 'rows': rows, 'best_lr': best,
+                                                       'table': '\n'.join(lines), 'note': note})
 
 
 def compare(run_dir, results, data_name, delta):

@@ -22,10 +22,11 @@ def label(text):
     return str(text).replace('$', r'\$')
 
 
-def filter_grid(weights, cols=8, border=1, scale=8):
+def filter_grid(weights, cols=8, border=1, scale=8, value_range=None):
     """Filters (F, C, k, k) -> one uint8 image: a grid of filters on a black border.
 
-    All filters share one min-max scaling, so their contrasts can be compared.
+    All filters share one min-max scaling, so their contrasts can be compared; value_range (low, high) sets
+    that scale instead (to compare grids with each other), values outside it clipped.
     C == 3 gives an RGB image, otherwise the first input channel in grey.
     Every weight becomes a scale x scale block, so a 5x5 filter stays sharp in
     any viewer (no smoothing needed, unlike the lab's 1-pixel-per-weight images).
@@ -33,7 +34,8 @@ def filter_grid(weights, cols=8, border=1, scale=8):
     w = np.asarray(weights, dtype=np.float64)
     num_filters, channels, k, _ = w.shape
     w = w.transpose(0, 2, 3, 1) if channels == 3 else w[:, 0, :, :, None]
-    w = (w - w.min()) / max(w.max() - w.min(), 1e-12)
+    low, high = value_range or (w.min(), w.max())
+    w = np.clip((w - low) / max(high - low, 1e-12), 0, 1)
     rows = math.ceil(num_filters / cols)
     img = np.zeros((rows * (k + border) + border, cols * (k + border) + border, w.shape[-1]))
     for i in range(num_filters):
@@ -94,9 +96,11 @@ def _epoch_axis(ax, panel_title):
 
 
 def _save(fig, path, title=None):
-    if title:
+    if title:  # room above the panels' own titles for each line of it
         fig.suptitle(title)
-    fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 * (title.count('\n') + 1) / fig.get_figheight()))
+    else:
+        fig.tight_layout()
     cli.atomic_write(path, lambda tmp_path: fig.savefig(tmp_path, dpi=100))
     plt.close(fig)
     return os.path.abspath(path)
@@ -136,10 +140,13 @@ def plot_training_progress(save_dir, data, loss_name="Cross-entropy loss", title
 
 
 def save_filter_panels(path, panels, title=None):
-    """Filter grids side by side: panels is a list of (title, filters (F, C, k, k)); each grid scaled alone."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4), squeeze=False)
+    """Filter grids side by side on one colour scale: panels is a list of (title, filters (F, C, k, k)); black is
+    -m, mid grey 0 and white +m, m the largest |weight| of all panels, so a grid of smaller weights is greyer."""
+    largest = max(np.abs(filters).max() for _, filters in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.6), squeeze=False)
     for ax, (panel_title, filters) in zip(axes.flat, panels):
-        ax.imshow(filter_grid(filters, cols=4), cmap="gray", interpolation="nearest")
+        ax.imshow(filter_grid(filters, cols=4, value_range=(-largest, largest)), cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
         ax.set_title(panel_title, fontsize=9)
         ax.axis("off")
     return _save(fig, path, title)

@@ -63,6 +63,25 @@ def conv1_filters(params):
     return weights.reshape(weights.shape[0], 1, k, k)
 
 
+def describe_filters(filters, init):
+    """How conv1's filters (F, C, k, k) look next to the random initial ones, in numbers and in a sentence:
+    their size (mean |w|), their roughness (mean |difference| of neighbouring weights over mean |w|: noise is
+    rough, smooth strokes are not) and the share of weights near zero (|w| < 0.02)."""
+    def roughness(w):
+        steps = np.concatenate([np.abs(np.diff(w, axis=2)).ravel(), np.abs(np.diff(w, axis=3)).ravel()])
+        return float(steps.mean() / np.abs(w).mean())
+    size, init_size = float(np.abs(filters).mean()), float(np.abs(init).mean())
+    rough, init_rough = roughness(filters), roughness(init)
+    near_zero = float((np.abs(filters) < 0.02).mean())
+    looks = 'smoother than' if rough < 0.9 * init_rough else 'as rough as' if rough < 1.1 * init_rough else \
+        'rougher than'
+    sentence = (f"the weights are {size / init_size:.0%} of their initial size (mean |w| {size:.3f}); neighbouring "
+                f"weights differ by {rough:.2f} of that size, {looks} the random init ({init_rough:.2f}); "
+                f"{near_zero:.0%} of them are near zero (|w| < 0.02)")
+    return {'conv1_mean_abs_weight': size, 'conv1_roughness': rough, 'conv1_near_zero': near_zero,
+            'conv1_looks': sentence}
+
+
 def sweep(args, run_dir, train_one):
     """One model per lambda of sweep_lambdas(args), each trained by train_one(args for it, its folder) ->
     (results, its parameters in nn.parameters' layout) from the same initial weights in <run_dir>/wd_<lambda>/;
@@ -75,16 +94,21 @@ def sweep(args, run_dir, train_one):
         last = results['epochs'][-1]
         filters.append(conv1_filters(params))
         rows.append({'weight_decay': weight_decay, 'valid_acc': last['valid_acc'],
-                     'test_acc': results['test']['accuracy'],
-                     'train_loss': last['train_loss'], 'reg_loss': last['reg_loss'],
-                     'conv1_mean_abs_weight': float(np.abs(filters[-1]).mean()), 'run_dir': sub_dir})
+                     'test_acc': results['test']['accuracy'], 'train_loss': last['train_loss'],
+                     'reg_loss': last['reg_loss'], 'run_dir': sub_dir})
     init_filters = conv1_filters(checkpoint.load_npz(os.path.join(rows[0]['run_dir'], 'init_weights.npz')))
-    lines = ['| lambda | valid acc | test acc | cross-entropy | L2 term | mean abs conv1 weight |',
-             '|---:|---:|---:|---:|---:|---:|']
+    for row, row_filters in zip(rows, filters):
+        row.update(describe_filters(row_filters, init_filters))
+    lines = ['| lambda | valid acc | test acc | cross-entropy | L2 term | mean abs conv1 weight | roughness | near zero |',
+             '|---:|---:|---:|---:|---:|---:|---:|---:|']
     lines += [f"| {r['weight_decay']:g} | {r['valid_acc']:.2%} | {r['test_acc']:.2%} | {r['train_loss']:.4f} | "
-              f"{r['reg_loss']:.4f} | {r['conv1_mean_abs_weight']:.4f} |" for r in rows]
-    lines += ['', f"Losses on the training set after the last epoch; the random initial conv1 weights have mean abs "
-                  f"{np.abs(init_filters).mean():.4f}."]
+              f"{r['reg_loss']:.4f} | {r['conv1_mean_abs_weight']:.4f} | {r['conv1_roughness']:.2f} | "
+              f"{r['conv1_near_zero']:.0%} |" for r in rows]
+    init = describe_filters(init_filters, init_filters)
+    lines += ['', f"Losses on the training set after the last epoch. The random initial conv1 weights have mean abs "
+                  f"{init['conv1_mean_abs_weight']:.4f} and roughness {init['conv1_roughness']:.2f}; roughness is the "
+                  f"mean |difference| of neighbouring weights over their mean |w|, near zero the share with |w| < 0.02."]
+    lines += [''] + [f"- lambda = {r['weight_decay']:g}: {r['conv1_looks']}." for r in rows]
     print('\n'.join(lines))
     cli.write_text(os.path.join(run_dir, 'sweep.md'), '\n'.join(lines) + '\n')
     cli.write_json(os.path.join(run_dir, 'sweep.json'), {'rows': rows, 'table': '\n'.join(lines)})
@@ -92,7 +116,7 @@ def sweep(args, run_dir, train_one):
         (f"lambda = {r['weight_decay']:g}\nmean |w| {r['conv1_mean_abs_weight']:.3f}, test {r['test_acc']:.2%}",
          row_filters) for r, row_filters in zip(rows, filters)]
     plots.save_filter_panels(os.path.join(run_dir, 'sweep_filters.png'), panels,
-                             title='conv1 filters (each grid scaled to its own min..max)')
+                             title='conv1 filters on one colour scale (mid grey = 0)')
     return rows
 
 

@@ -8,16 +8,19 @@ import sys
 
 import pytest
 
+import cli
 import lab
 from conftest import ROOT, make_synthetic_cifar, make_synthetic_mnist
 
 SECTIONS = ["Do the layers' gradients agree", 'Why analytic rather than numerical', 'How are im2col_cython',
             'a sketch, tensor sizes and parameters', 'Receptive field of the last convolution',
             'Memory for the activations backprop needs', 'Initial loss and the number of classes',
-            'Training (`python train.py`)', 'L2 regularisation: lambda 1e-3, 1e-2, 1e-1',
+            'Training (`python train.py`, the textbook layers)', 'L2 regularisation: lambda 0, 1e-3, 1e-2, 1e-1',
             'The same model in PyTorch, step for step', 'Training in PyTorch', 'CIFAR-10 with the lab',
-            'Confusion matrix and per-class precision and recall', 'The 20 misclassified test images',
-            "conv1's filters, lambda 1e-4", 'Multiclass hinge loss vs cross-entropy', 'Wall time of each step']
+            'Settings: 1 epochs, batch 50', 'Confusion matrix and per-class precision and recall',
+            'The 20 misclassified test images', "conv1's filters, the default run", "conv1's filters, lambda 1e-4",
+            'Choosing lambda (`make lab-extended`)', 'Multiclass hinge loss vs cross-entropy',
+            'The two losses on equal terms', 'Wall time of each step']
 
 
 def run_lab(data_dir, save_dir, *flags):
@@ -33,7 +36,7 @@ def lab_run(tmp_path_factory):
     make_synthetic_mnist(data_dir, num_train=1100, num_test=100)
     make_synthetic_cifar(data_dir, per_batch=220)
     save_dir = str(root / 'runs')
-    result = run_lab(data_dir, save_dir, '--publish', str(root / 'published'))
+    result = run_lab(data_dir, save_dir, '--extended', '--publish', str(root / 'published'))
     return root, data_dir, save_dir, result
 
 
@@ -49,15 +52,21 @@ def test_the_report_answers_every_question_with_its_figures(lab_run):
     for path in figures:
         assert os.path.isfile(os.path.join(save_dir, path)), path
         assert os.path.isfile(os.path.join(root, 'published', path)), path  # --publish copies them
-    for name, *_ in lab.STEPS:  # and the steps' output, which the report cites (check_grads.log)
-        assert os.path.isfile(os.path.join(root, 'published', f'{name}.log')), name
-    steps = json.load(open(os.path.join(save_dir, 'steps.json')))
-    assert list(steps) == [name for name, *_ in lab.STEPS]
-    assert all(step['returncode'] == 0 and step['seconds'] > 0 for step in steps.values())
+    steps = lab.STEPS + lab.EXTENDED
+    for step in steps:  # and the steps' output
+        assert os.path.isfile(os.path.join(root, 'published', f'{step.name}.log')), step.name
+    for path in ('check_grads.json', 'task1/results.json', 'task2/sweep.json', 'task3/log.csv', 'bonus/compare.json',
+                 'bonus_tune/tune.json'):  # and the files the report read, from which the README takes numbers
+        assert os.path.isfile(os.path.join(root, 'published', path)), path
+    done = json.load(open(os.path.join(save_dir, 'steps.json')))
+    assert list(done) == [step.name for step in steps]
+    assert all(step['returncode'] == 0 and step['seconds'] > 0 for step in done.values())
     # numbers come from the runs' own files
     task1 = json.load(open(os.path.join(save_dir, 'task1', 'results.json')))
-    assert f"Test accuracy **{task1['test_acc']:.2%}**" in report
+    assert f"Test accuracy **{task1['test']['accuracy']:.2%}**" in report and task1['config']['layers'] == 'textbook'
     assert 'A --quick run' in report and '(JPEG stand-in)' in report
+    # the cross-entropy run of the bonus is task 4's, not trained again
+    assert not os.path.exists(os.path.join(save_dir, 'bonus', 'cross-entropy'))
 
 
 @pytest.mark.slow
@@ -70,7 +79,20 @@ def test_a_second_run_keeps_what_is_done_and_redoes_what_is_not(lab_run):
     json.dump(steps, open(steps_path, 'w'))
     result = run_lab(data_dir, save_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    kept = [name for name, *_ in lab.STEPS if f'=== {name}: done before' in result.stdout]
-    assert kept == [name for name, *_ in lab.STEPS if name != 'bonus']
+    kept = [step.name for step in lab.STEPS if f'=== {step.name}: done before' in result.stdout]
+    assert kept == [step.name for step in lab.STEPS if step.name != 'bonus']
     assert '=== bonus: ' in result.stdout and '--resume' in result.stdout  # its run folder goes on
-    assert 'finished already' in result.stdout  # both of its runs had finished: nothing is trained again
+    assert 'finished already' in result.stdout  # its hinge run had finished: nothing is trained again
+
+
+@pytest.mark.slow
+def test_a_folder_of_a_quick_lab_is_not_taken_for_a_lab_and_one_lab_at_a_time(lab_run):
+    _, data_dir, save_dir, first = lab_run
+    assert first.returncode == 0
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'lab.py'), '--mnist-dir', data_dir, '--cifar-dir',
+                             data_dir, '--save-dir', save_dir], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert 'holds a lab run with --quick' in result.stderr
+    with cli.locked(save_dir):  # as a lab.py still running there holds it
+        result = run_lab(data_dir, save_dir)
+    assert result.returncode == 2 and 'is in use by another process' in result.stderr
