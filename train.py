@@ -91,13 +91,13 @@ def check_mnist_args(args):
         raise cli.UserError(f"--valid-size {args.valid_size} leaves no MNIST training images")
     cli.check_batch_size(args.batch_size, min(args.limit or num_train, num_train),
                          "left by --limit" if args.limit else "of MNIST")
-    # what the textbook layers keep per image (the most of any layers here), the gradients as much again, and the
-    # data set itself; PyTorch's net keeps less
+    # what the textbook layers keep per image (the most of any layers here): a training step needs it with the
+    # gradients and temporaries, about three times; an evaluation batch once; and the data set itself
     rows = summary.model_summary(make_net(layers, 1, np.dtype(args.dtype).type), 1)
     per_image = summary.memory(rows)['kept_bytes'][args.dtype]
     images = data.MNIST_TRAIN_SIZE + data.MNIST_VALID_SIZE + 10_000
-    cli.check_memory(f"--batch-size {args.batch_size}",
-                     3 * per_image * max(args.batch_size, nn.EVAL_BATCH_SIZE) + images * 784 * np.dtype(args.dtype).itemsize)
+    cli.check_memory(f"--batch-size {args.batch_size}", max(3 * args.batch_size, nn.EVAL_BATCH_SIZE) * per_image
+                     + images * 784 * np.dtype(args.dtype).itemsize)
 
 
 def write_summary(args, run_dir, show=True):

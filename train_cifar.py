@@ -71,7 +71,8 @@ def check_cifar_args(args):
         raise cli.UserError(f"--valid-size {args.valid_size} leaves no CIFAR-10 training images")
     cli.check_batch_size(args.batch_size, min(args.limit or num_train, num_train),
                          "left by --limit" if args.limit else "of CIFAR-10")
-    # every layer's output per image, kept for backward with its gradient and ReLU's copy; and the data set
+    # every layer's output per image (float32), in a training step with its gradient and ReLU's copy, in an
+    # evaluation batch once; and the data set
     outputs = []
     model = ConvNet(args.padding)
     for module in model.children():
@@ -80,7 +81,7 @@ def check_cifar_args(args):
         model(torch.zeros(1, 3, 32, 32))
     images = data.CIFAR_TRAIN_SIZE + 10_000
     cli.check_memory(f"--batch-size {args.batch_size}",
-                     4 * 4 * sum(outputs) * max(args.batch_size, metrics.EVAL_BATCH_SIZE) + images * 3072 * 4)
+                     4 * sum(outputs) * max(3 * args.batch_size, metrics.EVAL_BATCH_SIZE) + images * 3072 * 4)
 
 
 class ConvNet(nn.Module):

@@ -216,7 +216,8 @@ def test_sweep(tmp_path, mnist_5200):
     for name, weight_decay in (('wd_0', 0), ('wd_0.1', 0.1)):
         assert json.loads((tmp_path / 'sweep' / name / 'results.json').read_text())['config']['weight_decay'] == weight_decay
     table = (tmp_path / 'sweep' / 'sweep.md').read_text().splitlines()
-    assert len(table) == 6 and 'mean abs conv1 weight' in table[0]
+    assert len(table) == 9 and 'mean abs conv1 weight' in table[0] and 'roughness' in table[0]
+    assert table[-2].startswith('- lambda = 0: the weights are') and table[-1].startswith('- lambda = 0.1:')
 
 
 def test_compare_numpy_cli(mnist_5200, tmp_path):
