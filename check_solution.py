@@ -33,14 +33,15 @@ do not trust in a container.
 Exit status: 0 when every item of every submission is ok, 1 when some are not, 2 on bad usage.
 """
 import argparse
+import importlib
 import inspect
 import os
 import sys
 import time
+import traceback
 import zlib
 
 import numpy as np
-import scipy.stats  # noqa: F401 (loaded once here, for every child: the course's layers.py imports it)
 import torch
 import torch.nn.functional as F
 
@@ -142,18 +143,22 @@ class Student:
         return f"; {self.failed_prerequisite}, which it needs" if self.failed_prerequisite else ''
 
     def _note_changed_arguments(self, obj, method, function, args, copies):
-        try:
-            names = list(inspect.signature(function).parameters)
-        except (TypeError, ValueError):
-            names = []
         for i, (arg, copy) in enumerate(zip(args, copies)):
             if isinstance(arg, np.ndarray) and not np.array_equal(arg, copy, equal_nan=True):
+                try:
+                    names = list(inspect.signature(function).parameters)
+                except (TypeError, ValueError):
+                    names = []
                 argument = names[i] if i < len(names) else f"#{i + 1}"
                 self.notes.setdefault(f"{type(obj).__name__}.{method}", set()).add(
                     f"changes its argument {argument} in place")
 
     def exception(self, error):
+        """'Type: message (file:line)', the line the student's (or else the innermost one)."""
         where = student.where_it_failed(error, self.files)
+        frames = traceback.extract_tb(error.__traceback__)
+        if not where and frames:
+            where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}"
         return f"{type(error).__name__}: {student.one_line(error)}" + (f" ({where})" if where else '')
 
 
@@ -472,9 +477,9 @@ def l2_cases():
 def check_l2_forward(you):
     notes = you.notes.setdefault('L2Regularizer.forward', set())
     for description, weights, decay in l2_cases():
-        l2 = you.make('L2Regularizer', weights, decay, 'l2')
+        l2, original = you.make('L2Regularizer', weights, decay, 'l2'), weights.copy()
         value = as_scalar(you.call(l2, 'forward'), 'the penalty', description, notes)
-        unchanged_weights(l2, weights, 'forward', description)
+        unchanged_weights(l2, original, 'forward', description)
         matches = [meaning for factor, meaning in L2_CONVENTIONS
                    if np.isclose(value, factor * decay * np.sum(weights ** 2), rtol=1e-9)]
         if not matches:
@@ -485,10 +490,13 @@ def check_l2_forward(you):
 
 def check_l2_backward(you):
     for description, weights, decay in l2_cases():
-        l2 = you.make('L2Regularizer', weights, decay, 'l2')
+        l2, original = you.make('L2Regularizer', weights, decay, 'l2'), weights.copy()
         grads = you.call(l2, 'backward_params')
+        if l2.weights is not weights:
+            raise Verdict('wrong', f"L2Regularizer keeps a copy of the weights it regularizes, not them: the "
+                                   f"update of its gradient would miss them ({description})")
         (param, grad), = parameter_pairs(grads, l2, ('weights',), 'L2Regularizer.backward_params', description)
-        unchanged_weights(l2, weights, 'backward_params', description)
+        unchanged_weights(l2, original, 'backward_params', description)
         grad = as_array(grad, 'the gradient', description)
         gradients = [grad.shape == weights.shape and np.allclose(grad, 2 * factor * decay * weights, rtol=1e-9, atol=0)
                      for factor, _ in L2_CONVENTIONS]
@@ -506,8 +514,8 @@ def check_l2_backward(you):
                                        f"check: relative error {error:.1e}; {description})")
 
 
-def unchanged_weights(l2, weights, method, description):
-    if not np.array_equal(l2.weights, weights):
+def unchanged_weights(l2, original, method, description):
+    if not np.array_equal(l2.weights, original):
         raise Verdict('wrong', f"L2Regularizer.{method} changes the weights it regularizes ({description})")
 
 
@@ -644,13 +652,23 @@ CHECKS = {
 
 
 def run_check(item, you):
-    """(verdict, detail) of one item, its notes included."""
+    """(verdict, detail) of one item, its notes included. An exception that is not a verdict is the student's
+    when its traceback passes through their file (code of theirs the checks run directly: a property, an
+    array-like), else a bug of this script, said as such so that one submission does not stop a batch."""
     you.failed_prerequisite = None
     try:
         CHECKS[item](you)
         verdict, detail = 'ok', ''
     except Verdict as outcome:
         verdict, detail = outcome.verdict, outcome.detail
+    except Exception as error:
+        verdict = 'error'
+        if student.where_it_failed(error, you.files):
+            detail = f"{item} raised {you.exception(error)}"
+        else:
+            frame = traceback.extract_tb(error.__traceback__)[-1]
+            detail = (f"check_solution.py could not check this item: {type(error).__name__}: "
+                      f"{student.one_line(error)} ({os.path.basename(frame.filename)}:{frame.lineno}); please report it")
     notes = sorted(you.notes.get(item, ()))
     return verdict, '; '.join(([detail] if detail else []) + notes)
 
@@ -758,16 +776,20 @@ def check_submission(submission, limits, reference_training):
             if item != HINGE:
                 submission.verdicts[item] = ('missing', f"no layers.py in {submission.path}")
     else:
-        file_problems = static_problems(submission.layers_path)
+        file_problems, failure = static_problems(submission.layers_path), None
         for name, methods in METHODS.items():
             items = [f'{name}.{method}' for method in methods]
-            file_problems += check_in_children(submission.layers_path, items, submission.verdicts, limits)
-        report_file_problems(submission, submission.layers_path, file_problems)
+            if failure:   # the file did not load: it will not for the next class either
+                submission.verdicts.update({item: failure for item in items})
+                continue
+            problems, failure = check_in_children(submission.layers_path, items, submission.verdicts, limits)
+            file_problems += problems
+        report_file_problems(submission, submission.layers_path, file_problems, failure)
     if any(item == HINGE for item, _ in submission.items):
         if submission.hinge_path is None:
             submission.verdicts[HINGE] = ('missing', f"no .py file in {submission.path} defines {HINGE}")
         else:
-            problems = check_in_children(submission.hinge_path, [HINGE], submission.verdicts, limits)
+            problems, _ = check_in_children(submission.hinge_path, [HINGE], submission.verdicts, limits)
             if submission.hinge_path != submission.layers_path:
                 report_file_problems(submission, submission.hinge_path, problems)
     if any(item == TRAIN for item, _ in submission.items):
@@ -783,9 +805,14 @@ def static_problems(path):
     return problems
 
 
-def report_file_problems(submission, path, problems):
-    """The file's own item, for problems no item accounts for: a statement outside the course's classes
-    that does not parse or raises."""
+def report_file_problems(submission, path, problems, failure=None):
+    """The file's own item, for problems no item accounts for (a statement outside the course's classes that
+    does not parse or raises), or for the (verdict, detail) `failure` of loading it at all."""
+    name = os.path.basename(path)
+    if failure:
+        submission.file_items.append((name, 'file'))
+        submission.verdicts[name] = failure
+        return
     items = {item for item, _ in submission.items} | set(METHODS)
     unexplained, seen = [], set()
     for problem in problems:
@@ -794,7 +821,6 @@ def report_file_problems(submission, path, problems):
             unexplained.append(problem.message if problem.line == 0 or f'line {problem.line}' in problem.message
                                else f"line {problem.line}: {problem.message}")
     if unexplained:
-        name = os.path.basename(path)
         submission.file_items.append((name, 'file'))
         submission.verdicts[name] = ('error', '; '.join(unexplained))
 
@@ -802,13 +828,13 @@ def report_file_problems(submission, path, problems):
 def check_in_children(path, items, verdicts, limits):
     """Runs the checks of `items` (of one class, or the hinge loss) on the file at `path` in a child process,
     and in a new one after a child dies or hangs, until each item has its verdict in `verdicts`. Returns
-    the problems loading the file met."""
+    (the problems loading the file met, None or the (verdict, detail) of every item when it did not load)."""
     problems, remaining, timed_out = [], list(items), []
     while remaining:
         running, done, loaded = None, set(), False
 
         def run(send, todo=tuple(remaining)):
-            torch.set_num_threads(1)
+            single_threaded()
             module, found = student.load(path, salvage=True)
             send(('problems', found))
             you = Student(module, [path])
@@ -829,10 +855,9 @@ def check_in_children(path, items, verdicts, limits):
         if child.ending is None and running is None and len(done) == len(remaining):
             break
         if not loaded:   # the file's own definitions hang or crash: no item of it can be checked
-            verdict = 'timeout' if child.timed_out else 'error'
-            for item in remaining:
-                verdicts[item] = (verdict, f"loading {os.path.basename(path)}: {child.ending}")
-            break
+            failure = ('timeout' if child.timed_out else 'error', f"loading {os.path.basename(path)}: {child.ending}")
+            verdicts.update({item: failure for item in remaining})
+            return problems, failure
         culprit = running or next(item for item in remaining if item not in done)
         if child.timed_out:
             forward = f"{culprit.split('.')[0]}.forward"   # which a backward check runs first
@@ -844,7 +869,7 @@ def check_in_children(path, items, verdicts, limits):
             verdicts[culprit] = ('error', f"{child.ending} while checking {culprit} (os._exit, a crash, or "
                                           f"memory beyond the limit of {limits.memory / 2 ** 30:g} GiB in its code)")
         remaining = [item for item in remaining if item not in done and item != culprit]
-    return problems
+    return problems, None
 
 
 def check_training(submission, limits, reference_training):
@@ -859,7 +884,7 @@ def check_training(submission, limits, reference_training):
     outcome = {}
 
     def run(send):
-        torch.set_num_threads(1)
+        single_threaded()
         module, _ = student.load(submission.layers_path, salvage=True)
         try:
             send(('result', train_one_epoch(module, limits.mnist, limits.seed, send)))
@@ -881,6 +906,14 @@ def check_training(submission, limits, reference_training):
     return 'error', f"{child.ending} while training"
 
 
+def single_threaded():
+    """One thread for torch and for OpenBLAS in a child: on 2 shared cores OpenBLAS's second thread spins
+    (a training epoch took 8.7 s of CPU with it, 3.3 s without), and checks run one after another anyway."""
+    import fast_layers   # here, in the child: its worker threads would not survive a fork
+    torch.set_num_threads(1)
+    fast_layers.set_blas_threads(1)
+
+
 class Limits:
     """What every check runs with: time and memory limits, the seed, and the MNIST subset (for net.train)."""
 
@@ -896,7 +929,7 @@ def reference_trainer(limits):
         if 'result' not in cache:
             def run(send):
                 import layers
-                torch.set_num_threads(1)
+                single_threaded()
                 send(('result', train_one_epoch(layers, limits.mnist, limits.seed, send)))
             with student.Child(run, limits.memory) as child:
                 for message in child.messages(limits.timeout, total=TRAIN_TIME_LIMIT * limits.timeout):
@@ -980,11 +1013,28 @@ def parse_args(argv=None):
             raise cli.UserError(f"{path}: no such file or folder")
         if not os.path.isdir(path) and not path.endswith('.py'):
             raise cli.UserError(f"{path}: not a folder or a .py file")
+    for flag, path in (('--json', args.json), ('--markdown', args.markdown)):   # before the work, not after
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise cli.UserError(f"{flag} {path}: no folder {os.path.dirname(os.path.abspath(path))} to write it in")
     return args
+
+
+# What students' files import, loaded once here rather than in every child: the course's layers.py imports
+# scipy.stats, and hinge-loss scripts torchvision, matplotlib and skimage (each ~0.5-1 s to import).
+PRELOADED = ('scipy.stats', 'torchvision', 'matplotlib.pyplot', 'skimage.io')
+
+
+def preload():
+    for name in PRELOADED:
+        try:
+            importlib.import_module(name)
+        except ImportError:   # a child that needs it will say so
+            pass
 
 
 def main(argv=None):
     args = parse_args(argv)
+    preload()
     mnist = None
     if not args.no_train:
         try:

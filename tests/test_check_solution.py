@@ -309,6 +309,16 @@ def test_a_statement_outside_the_classes_that_fails_is_the_files_item(tmp_path):
     assert items['FC.forward'][0] == 'ok'   # the classes do not use them
 
 
+def test_a_file_whose_definitions_hang_is_one_timeout_per_item_and_its_own(tmp_path):
+    (tmp_path / 'layers.py').write_text('import numpy as np\n\nclass FC:\n    while True:\n        pass\n')
+    report = tmp_path / 'report.json'
+    result = run_checker([str(tmp_path), '--no-train', '--timeout', '2', '--json', str(report)])
+    assert result.returncode == 1
+    items = verdicts(report)[str(tmp_path)]
+    assert items['layers.py'] == ('timeout', 'loading layers.py: no answer within 2 s')
+    assert all(items[item] == items['layers.py'] for item in EVERY_ITEM[:-1])
+
+
 def test_markdown_is_a_grade_sheet_with_student_text_escaped(tmp_path):
     folder = tmp_path / 'a|b'   # a folder name with a '|', and an exception message with one and a newline
     folder.mkdir()
