@@ -62,7 +62,6 @@ METHODS = {  # the course's classes, in the lab's order, and the methods a stude
 }
 TASK_OF_CLASS = {name: TASK2 if name in ('L2Regularizer', 'RegularizedLoss') else TASK1 for name in METHODS}
 HINGE, TRAIN = 'multiclass_hinge_loss', 'net.train'
-VERDICTS = ('ok', 'wrong', 'missing', 'error', 'timeout')
 
 RTOL = {np.float64: 1e-9, np.float32: 1e-4}   # of the largest entry: students' algorithms differ in rounding
 LAB_TOLERANCE = 1e-5   # the lab's numerical gradient check, in float64
@@ -102,10 +101,10 @@ class Student:
         cls = getattr(self.module, name, None)
         if cls is None:
             raise Verdict('missing', f"{os.path.basename(self.files[0])} defines no {name}")
+        if isinstance(cls, student.Unavailable):   # the class did not parse, or its definition raised
+            raise Verdict('error', repr(cls)[1:-1])
         try:
             return cls(*args, **kwargs)
-        except student.UnavailableError as error:
-            raise Verdict('error', str(error)) from None
         except BaseException as error:   # SystemExit too
             if isinstance(error, KeyboardInterrupt):
                 raise
@@ -247,10 +246,12 @@ def away_from_kinks(rng, shape):
 # ----------------------------------------------------------------------------- the layers' cases and oracles
 
 class LayerCase:
-    """One input of a layer: how to build it from the student's classes, its parameters, and the oracle.
+    """One input x of a layer and the oracle's answers for it: the output, dL/dx and dL/dparams for a random
+    dL/dout (grad_out), from torch autograd in float64.
 
-    torch_forward(x, weights, bias) is the layer's function in torch (float64); the float32 case feeds the
-    layer float32 arrays and compares it with the float64 oracle of the same (rounded) values."""
+    build (and options): the constructor's arguments after the example input, as the course's are;
+    torch_forward(x, **params): the layer's function in torch. The float32 case feeds the layer float32
+    arrays and compares it with the float64 oracle of the same (rounded) values."""
 
     def __init__(self, name, description, x, build, torch_forward, params=None, dtype=np.float64, options=None):
         self.name, self.description, self.build, self.torch_forward = name, description, build, torch_forward
@@ -284,7 +285,7 @@ class LayerCase:
 
 def layer_cases(name):
     """The cases of one of the course's layers: odd sizes, batch 1, non-square images, and one in float32."""
-    rng = np.random.default_rng(sum(map(ord, name)))
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
     cases = []
 
     def add(description, x, build, torch_forward, params=None, options=None):
