@@ -1,7 +1,8 @@
 """im2col / col2im: the clear NumPy reference, and the compiled ones from im2col_cython.pyx.
 
-Layout: cols has one row per (channel, kernel row, kernel column) and one
-column per (image, output row, output column).
+Layout, the course's: cols has one row per (channel, kernel row, kernel column) and one
+column per (output row, output column, image), the image fastest, so weights @ cols
+reshapes to (num_filters, out_h, out_w, N).
 
     cols = im2col_cython(x, fh, fw, padding, stride)               # (N, C, H, W) -> (C*fh*fw, N*out_h*out_w)
     dx = col2im_cython(cols, N, C, H, W, fh, fw, padding, stride)  # back to (N, C, H, W)
@@ -29,7 +30,7 @@ def output_size(size, field, padding, stride):
 
 
 def im2col_numpy(x, field_height, field_width, padding, stride):
-    """Reference im2col with stride tricks: (N, C, H, W) -> (C*fh*fw, N*out_h*out_w)."""
+    """Reference im2col with stride tricks: (N, C, H, W) -> (C*fh*fw, out_h*out_w*N)."""
     N, C, H, W = x.shape
     out_h = output_size(H, field_height, padding, stride)
     out_w = output_size(W, field_width, padding, stride)
@@ -37,19 +38,19 @@ def im2col_numpy(x, field_height, field_width, padding, stride):
     # windows[n, c, y, x, i, j] = x_padded[n, c, y*stride + i, x*stride + j]
     windows = sliding_window_view(x_padded, (field_height, field_width), axis=(2, 3))
     windows = windows[:, :, ::stride, ::stride][:, :, :out_h, :out_w]
-    return windows.transpose(1, 4, 5, 0, 2, 3).reshape(C * field_height * field_width, N * out_h * out_w)
+    return windows.transpose(1, 4, 5, 2, 3, 0).reshape(C * field_height * field_width, out_h * out_w * N)
 
 
 def col2im_numpy(cols, N, C, H, W, field_height, field_width, padding, stride):
     """Reference col2im: scatter-add every column entry back onto its pixel."""
     out_h = output_size(H, field_height, padding, stride)
     out_w = output_size(W, field_width, padding, stride)
-    cols = cols.reshape(C, field_height, field_width, N, out_h, out_w)
+    cols = cols.reshape(C, field_height, field_width, out_h, out_w, N)
     dx_padded = np.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=cols.dtype)
     for i in range(field_height):
         for j in range(field_width):
             dx_padded[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += \
-                cols[:, i, j].transpose(1, 0, 2, 3)
+                cols[:, i, j].transpose(3, 0, 1, 2)
     return dx_padded[:, :, padding:padding + H, padding:padding + W]
 
 

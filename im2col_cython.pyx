@@ -1,23 +1,23 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Fast im2col / col2im for the Convolution layer and max pooling for MaxPooling (float32 and float64).
 
-Column layout (shared with the NumPy reference in im2col.py):
+Column layout, the course's (shared with the NumPy reference in im2col.py):
 
-    cols[(c * field_height + i) * field_width + j, (n * out_h + y) * out_w + x]
+    cols[(c * field_height + i) * field_width + j, (y * out_w + x) * N + n]
         = x_padded[n, c, y * stride + i, x * stride + j]
 
 Rows run over (channel, kernel row, kernel column), which is the order of the
-course's weight matrix (num_filters, C*k*k).  Columns run over (image, output
-row, output column) with the image slowest, so each image owns one contiguous
-block of every row: the batch can be split between threads with no two threads
-touching the same cache line, and col2im needs no atomics.
-Padding is handled by index arithmetic; no padded copy of x is made.
+course's weight matrix (num_filters, C*k*k).  Columns run over (output row,
+output column, image) with the image fastest, as in the course's
+im2col_cython.pyx: its Convolution (and every student's, written against it)
+reshapes weights @ cols as (num_filters, H', W', N), so it runs unchanged on
+this build. Padding is handled by index arithmetic; no padded copy of x is made.
+(The course's own loops index rows as c*fh*fw + i*fh + j, the same for its square kernels.)
 
-The kernels release the GIL, so fast_layers.py runs them on its own threads,
-one part of the batch each.
-
-The max-pooling kernels keep, per window, the index y * W + x of its maximum
-within the (H, W) plane; backward adds each window's gradient there.
+The max-pooling kernels (fast_layers.MaxPooling runs them on its own threads, one
+part of the batch each, so they release the GIL) keep, per window, the index
+y * W + x of its maximum within the (H, W) plane; backward adds each window's
+gradient there.
 """
 import numpy as np
 
@@ -42,124 +42,91 @@ cdef inline void _valid_range(Py_ssize_t size, int offset, int stride, Py_ssize_
     lo[0] = min(first, hi[0])
 
 
-cdef void _im2col_image(const floating[:, :, :, ::1] x, floating[:, :] cols, Py_ssize_t n,
-                        int field_height, int field_width, int padding, int stride,
-                        Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
-    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t c, i, j, y, xo, yi, lo, hi
+# Both kernels work on the images transposed to (C, H, W, N), the image fastest as in cols: then the entries of
+# one output row of one kernel tap are one contiguous run in both arrays, a memcpy (or a vectorised add) for
+# stride 1, where writing cols from (N, C, H, W) images would scatter every value N entries apart.
+
+cdef void _im2col_row(const floating[:, :, :, ::1] xt, floating *dst, Py_ssize_t c, int i, int j,
+                      int padding, int stride, Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
+    """Row (c, i, j) of cols: kernel tap (i, j) of channel c at every output pixel of every image."""
+    cdef Py_ssize_t H = xt.shape[1], W = xt.shape[2], N = xt.shape[3]
+    cdef Py_ssize_t y, xo, yi, lo, hi
+    cdef floating *out
+    # Output columns lo..hi-1 read inside the image; the rest read the zero padding.
+    _valid_range(W, j - padding, stride, out_w, &lo, &hi)
+    for y in range(out_h):
+        out = dst + y * out_w * N   # the out_w * N entries (x, n) of output row y
+        yi = y * stride + i - padding
+        if yi < 0 or yi >= H or hi <= lo:
+            memset(out, 0, out_w * N * sizeof(floating))
+            continue
+        memset(out, 0, lo * N * sizeof(floating))
+        memset(out + hi * N, 0, (out_w - hi) * N * sizeof(floating))
+        if stride == 1:
+            memcpy(out + lo * N, &xt[c, yi, lo + j - padding, 0], (hi - lo) * N * sizeof(floating))
+        else:
+            for xo in range(lo, hi):
+                memcpy(out + xo * N, &xt[c, yi, xo * stride + j - padding, 0], N * sizeof(floating))
+
+
+cdef void _col2im_row(const floating *src, floating[:, :, :, ::1] dxt, Py_ssize_t c, int i, int j,
+                      int padding, int stride, Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
+    """Adds row (c, i, j) of cols back onto the pixels _im2col_row copied it from."""
+    cdef Py_ssize_t H = dxt.shape[1], W = dxt.shape[2], N = dxt.shape[3]
+    cdef Py_ssize_t y, xo, k, yi, lo, hi
+    cdef const floating *row
     cdef floating *dst
-    cdef const floating *src
-    for c in range(C):
-        for i in range(field_height):
-            for j in range(field_width):
-                # Output columns lo..hi-1 read inside the image; the rest read the zero padding.
-                _valid_range(W, j - padding, stride, out_w, &lo, &hi)
-                for y in range(out_h):
-                    dst = &cols[(c * field_height + i) * field_width + j, (n * out_h + y) * out_w]
-                    yi = y * stride + i - padding
-                    if yi < 0 or yi >= H:
-                        memset(dst, 0, out_w * sizeof(floating))
-                        continue
-                    src = &x[n, c, yi, 0]   # column xo reads src[xo * stride + j - padding]
-                    memset(dst, 0, lo * sizeof(floating))
-                    if stride == 1:
-                        memcpy(dst + lo, src + lo + j - padding, (hi - lo) * sizeof(floating))
-                    else:
-                        for xo in range(lo, hi):
-                            dst[xo] = src[xo * stride + j - padding]
-                    memset(dst + hi, 0, (out_w - hi) * sizeof(floating))
+    _valid_range(W, j - padding, stride, out_w, &lo, &hi)
+    for y in range(out_h):
+        yi = y * stride + i - padding
+        if yi < 0 or yi >= H or hi <= lo:
+            continue
+        row = src + y * out_w * N
+        if stride == 1:
+            dst = &dxt[c, yi, lo + j - padding, 0]
+            for k in range((hi - lo) * N):
+                dst[k] += row[lo * N + k]
+        else:
+            for xo in range(lo, hi):
+                dst = &dxt[c, yi, xo * stride + j - padding, 0]
+                for k in range(N):
+                    dst[k] += row[xo * N + k]
 
 
-cdef void _im2col_image_same(const floating[:, :, :, ::1] x, floating[:, :] cols, Py_ssize_t n,
-                             int field_height, int field_width, int padding) noexcept nogil:
-    """_im2col_image for stride 1 and output size == input size ('SAME' padding), the lab's convolutions.
-
-    Then kernel tap (i, j) reads the image plane shifted by (i - padding) * W + (j - padding):
-    a row of cols is one long copy of the plane, plus zeros where the shift runs off the
-    image. Copying whole planes instead of out_w values at a time is ~2x faster.
-    """
-    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3], size = H * W
-    cdef Py_ssize_t c, i, j, y, xo, ylo, yhi, lo, hi, first, last
-    cdef floating *dst
-    cdef const floating *src
-    for c in range(C):
-        src = &x[n, c, 0, 0]
-        for i in range(field_height):
-            _valid_range(H, i - padding, 1, H, &ylo, &yhi)
-            for j in range(field_width):
-                _valid_range(W, j - padding, 1, W, &lo, &hi)
-                dst = &cols[(c * field_height + i) * field_width + j, n * size]
-                if ylo >= yhi or lo >= hi:
-                    memset(dst, 0, size * sizeof(floating))
-                    continue
-                first, last = ylo * W + lo, (yhi - 1) * W + hi   # the entries that read inside the image
-                memset(dst, 0, first * sizeof(floating))
-                memcpy(dst + first, src + first + (i - padding) * W + (j - padding), (last - first) * sizeof(floating))
-                memset(dst + last, 0, (size - last) * sizeof(floating))
-                for y in range(ylo, yhi):   # the copy ran across row ends: zero what fell off the sides
-                    for xo in range(lo):
-                        dst[y * W + xo] = 0
-                    for xo in range(hi, W):
-                        dst[y * W + xo] = 0
-
-
-cdef void _col2im_image(const floating[:, :] cols, floating[:, :, :, ::1] dx, Py_ssize_t n,
-                        int field_height, int field_width, int padding, int stride,
-                        Py_ssize_t out_h, Py_ssize_t out_w) noexcept nogil:
-    cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3]
-    cdef Py_ssize_t c, i, j, y, xo, yi, lo, hi
-    cdef floating *dst
-    cdef const floating *src
-    memset(&dx[n, 0, 0, 0], 0, C * H * W * sizeof(floating))
-    for c in range(C):
-        for i in range(field_height):
-            for j in range(field_width):
-                _valid_range(W, j - padding, stride, out_w, &lo, &hi)
-                for y in range(out_h):
-                    yi = y * stride + i - padding
-                    if yi < 0 or yi >= H or hi <= lo:
-                        continue
-                    src = &cols[(c * field_height + i) * field_width + j, (n * out_h + y) * out_w]
-                    dst = &dx[n, c, yi, j - padding + lo * stride]
-                    if stride == 1:
-                        for xo in range(hi - lo):
-                            dst[xo] += src[lo + xo]
-                    else:
-                        for xo in range(hi - lo):
-                            dst[xo * stride] += src[lo + xo]
-
-
-def _im2col_fill(const floating[:, :, :, ::1] x, floating[:, :] cols,
+def _im2col_fill(const floating[:, :, :, ::1] xt, floating[:, ::1] cols,
                  int field_height, int field_width, int padding, int stride,
                  Py_ssize_t out_h, Py_ssize_t out_w):
-    cdef Py_ssize_t n
-    cdef bint same = stride == 1 and out_h == x.shape[2] and out_w == x.shape[3]
+    cdef Py_ssize_t c, i, j
     with nogil:
-        for n in range(x.shape[0]):
-            if same:
-                _im2col_image_same(x, cols, n, field_height, field_width, padding)
-            else:
-                _im2col_image(x, cols, n, field_height, field_width, padding, stride, out_h, out_w)
+        for c in range(xt.shape[0]):
+            for i in range(field_height):
+                for j in range(field_width):
+                    _im2col_row(xt, &cols[(c * field_height + i) * field_width + j, 0], c, i, j,
+                                padding, stride, out_h, out_w)
 
 
-def _col2im_fill(const floating[:, :] cols, floating[:, :, :, ::1] dx,
+def _col2im_fill(const floating[:, ::1] cols, floating[:, :, :, ::1] dxt,
                  int field_height, int field_width, int padding, int stride,
                  Py_ssize_t out_h, Py_ssize_t out_w):
-    cdef Py_ssize_t n
-    with nogil:
-        for n in range(dx.shape[0]):
-            _col2im_image(cols, dx, n, field_height, field_width, padding, stride, out_h, out_w)
+    cdef Py_ssize_t c, i, j
+    with nogil:   # dxt starts at zero
+        # Tap by tap, kernel row then column: each pixel adds its terms in the order of the NumPy reference.
+        for c in range(dxt.shape[0]):
+            for i in range(field_height):
+                for j in range(field_width):
+                    _col2im_row(&cols[(c * field_height + i) * field_width + j, 0], dxt, c, i, j,
+                                padding, stride, out_h, out_w)
 
 
 def im2col_cython(x, int field_height, int field_width, int padding, int stride):
     """(N, C, H, W) -> cols (C*fh*fw, N*out_h*out_w), same dtype as x."""
-    x = np.ascontiguousarray(x)
+    x = np.asarray(x)
     _check_images(x, 'im2col')
     N, C, H, W = x.shape
-    out_h = _output_size(H, field_height, padding, stride)
-    out_w = _output_size(W, field_width, padding, stride)
+    out_h, out_w = _output_size(H, field_height, padding, stride), _output_size(W, field_width, padding, stride)
     cols = np.empty((C * field_height * field_width, N * out_h * out_w), dtype=x.dtype)
-    _im2col_fill(x, cols, field_height, field_width, padding, stride, out_h, out_w)
+    xt = np.ascontiguousarray(x.transpose(1, 2, 3, 0))   # (C, H, W, N): the image fastest, as in cols
+    _im2col_fill(xt, cols, field_height, field_width, padding, stride, out_h, out_w)
     return cols
 
 
@@ -170,9 +137,9 @@ def col2im_cython(cols, int N, int C, int H, int W, int field_height, int field_
     out_w = _output_size(W, field_width, padding, stride)
     cols = np.ascontiguousarray(cols)
     _check_cols(cols, (C * field_height * field_width, N * out_h * out_w), 'col2im')
-    dx = np.empty((N, C, H, W), dtype=cols.dtype)
-    _col2im_fill(cols, dx, field_height, field_width, padding, stride, out_h, out_w)
-    return dx
+    dxt = np.zeros((C, H, W, N), dtype=cols.dtype)
+    _col2im_fill(cols, dxt, field_height, field_width, padding, stride, out_h, out_w)
+    return np.ascontiguousarray(dxt.transpose(3, 0, 1, 2))
 
 
 def _check_images(x, what):
@@ -236,24 +203,13 @@ def _max_pool_backward_fill(const floating[:, ::1] grad_out, const int[:, ::1] a
                 dx[plane, argmax[plane, k]] += grad_out[plane, k]   # '+=': overlapping windows share pixels
 
 
-def max_pool_forward(x, int pool_size, int stride):
-    """(N, C, H, W) -> out (N, C, H', W') and argmax (N, C, H', W') int32.
+def max_pool_forward_into(x, out, argmax, int pool_size, int stride):
+    """Max pooling of x (N, C, H, W) written into the C-contiguous arrays out (N, C, H', W') and argmax
+    (the same shape, int32; e.g. a slice of the batch).
 
     argmax holds, for each window, the flat index y * W + x within its (H, W) plane of
     the window's first maximum in row-major order (PyTorch's choice).
     """
-    x = np.ascontiguousarray(x)
-    N, C, H, W = x.shape
-    out_h = _output_size(H, pool_size, 0, stride)
-    out_w = _output_size(W, pool_size, 0, stride)
-    out = np.empty((N, C, out_h, out_w), dtype=x.dtype)
-    argmax = np.empty((N, C, out_h, out_w), dtype=np.int32)
-    max_pool_forward_into(x, out, argmax, pool_size, stride)
-    return out, argmax
-
-
-def max_pool_forward_into(x, out, argmax, int pool_size, int stride):
-    """max_pool_forward written into the C-contiguous arrays out and argmax (e.g. a slice of the batch)."""
     N, C, H, W = x.shape
     out_h, out_w = _output_size(H, pool_size, 0, stride), _output_size(W, pool_size, 0, stride)
     _check_pool_arrays(out, argmax, (N, C, out_h, out_w), x.dtype)
@@ -262,16 +218,9 @@ def max_pool_forward_into(x, out, argmax, int pool_size, int stride):
                    )
 
 
-def max_pool_backward(grad_out, argmax, int H, int W):
-    """Routes each window's gradient to its maximum: (N, C, H', W') -> (N, C, H, W)."""
-    N, C = grad_out.shape[:2]
-    dx = np.empty((N, C, H, W), dtype=grad_out.dtype)
-    max_pool_backward_into(grad_out, argmax, dx)
-    return dx
-
-
 def max_pool_backward_into(grad_out, argmax, dx):
-    """max_pool_backward written into (overwriting) the C-contiguous (N, C, H, W) array dx."""
+    """Routes each window's gradient (N, C, H', W') to its maximum, written into (overwriting) the
+    C-contiguous (N, C, H, W) array dx."""
     grad_out = np.ascontiguousarray(grad_out)
     N, C, out_h, out_w = grad_out.shape
     if argmax.shape != grad_out.shape or argmax.dtype != np.int32:

@@ -104,17 +104,17 @@ class Convolution(Layer):
     def forward(self, x):
         self._check_input(x)
         k, (F, out_h, out_w) = self.kernel_size, self.shape[1:]
-        # One column per output pixel of every image: (C*k*k, N*H'*W'), kept for backward_params.
-        self.x_cols = im2col_cython(x, k, k, self.pad, self.stride)
-        out = self.weights @ self.x_cols + self.bias[:, None]  # (F, N*H'*W')
-        return out.reshape(F, x.shape[0], out_h, out_w).transpose(1, 0, 2, 3)
+        # One column per output pixel of every image, the image fastest (the course's im2col): (C*k*k, H'*W'*N).
+        self.x_cols = im2col_cython(x, k, k, self.pad, self.stride)   # kept for backward_params
+        out = self.weights @ self.x_cols + self.bias[:, None]  # (F, H'*W'*N)
+        return out.reshape(F, out_h, out_w, x.shape[0]).transpose(3, 0, 1, 2)
 
     def _grad_rows(self, grad_out):
-        """dL/dout (N, F, H', W') -> (F, N*H'*W'), the layout of weights @ x_cols."""
-        return grad_out.transpose(1, 0, 2, 3).reshape(self.num_filters, -1)
+        """dL/dout (N, F, H', W') -> (F, H'*W'*N), the layout of weights @ x_cols."""
+        return grad_out.transpose(1, 2, 3, 0).reshape(self.num_filters, -1)
 
     def backward_inputs(self, grad_out):
-        grad_cols = self.weights.T @ self._grad_rows(grad_out)  # (C*k*k, N*H'*W')
+        grad_cols = self.weights.T @ self._grad_rows(grad_out)  # (C*k*k, H'*W'*N)
         N, (C, H, W), k = grad_out.shape[0], self.input_shape[1:], self.kernel_size
         # col2im adds each column entry back onto the pixel im2col copied it from.
         return col2im_cython(grad_cols, N, C, H, W, k, k, self.pad, self.stride)
