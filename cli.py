@@ -107,6 +107,13 @@ def lr_policy(text):
     return dict(sorted(policy.items()))
 
 
+def layers_choice(text):
+    """--layers: 'textbook', 'fast', or an existing .py file or folder (a student's layers.py)."""
+    if text in ('textbook', 'fast') or os.path.isdir(text) or (os.path.isfile(text) and text.endswith('.py')):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not textbook, fast, or a layers.py file or folder")
+
+
 # The flags that several scripts share, defined once; a script names the ones it has (add_flags) and gives
 # its own defaults. A flag of one script alone is that script's own parser.add_argument.
 FLAGS = {
@@ -135,9 +142,10 @@ FLAGS = {
     'dtype': dict(choices=['float32', 'float64'], default='float32', help='(default: %(default)s)'),
     'no_shuffle': dict(action='store_true', help='the training images in their file order in every epoch, '
                                                  'instead of a new random order each epoch'),
-    'layers': dict(choices=['textbook', 'fast'], default='textbook',
+    'layers': dict(type=layers_choice, default='textbook', metavar='{textbook,fast,PATH}',
                    help="textbook: layers.py, the lab's layers; fast: their twins in fast_layers.py, the same sums "
-                        "in another order, 2-3x faster (default: %(default)s)"),
+                        "in another order, 2-3x faster; or the path of a student's layers.py (or of the folder "
+                        "holding it) (default: %(default)s)"),
     'draw_every': dict(type=positive_int, default=100,
                        help="draw conv1's filters every N steps, and after every epoch (default: %(default)s)"),
 }

@@ -6,7 +6,6 @@ loss is a SoftmaxCrossEntropyWithLogits, or a RegularizedLoss wrapping one (trai
 import numpy as np
 
 import checkpoint
-import layers
 import metrics
 import plots
 
@@ -65,7 +64,7 @@ def train(net, loss, data, run, batch_size, lr_policy, shuffle=True, draw_every=
         order = run.rng.permutation(len(train_x)) if shuffle else np.arange(len(train_x))  # the lab's shuffle_data
         for step in run.steps():
             batch = order[step * batch_size:(step + 1) * batch_size]
-            x, y = train_x[batch], train_y[batch]
+            x, y = train_x[batch], one_hot(train_y[batch], net[-1].shape[1])  # the course's losses take one-hot
             logits = forward_pass(net, x)
             run.check_loss(loss.forward(logits, y))  # a NaN stops the run here, before it reaches the weights
             grads = backward_pass(net, loss, logits, y)
@@ -85,17 +84,23 @@ def evaluate(net, loss, x, y, batch_size=EVAL_BATCH_SIZE):
     accuracy, confusion matrix, precision and recall. The data loss is the cross-entropy, without the L2 term
     of a RegularizedLoss (regularization() gives that)."""
     data_loss = getattr(loss, 'data_loss', loss)
-    total_loss, predictions = 0.0, []
+    total_loss, predictions, num_classes = 0.0, [], net[-1].shape[1]
     for start in range(0, len(x), batch_size):
         logits = forward_pass(net, x[start:start + batch_size])
-        total_loss += float(data_loss.forward(logits, y[start:start + batch_size])) * len(logits)
+        labels = one_hot(y[start:start + batch_size], num_classes)
+        total_loss += float(np.squeeze(data_loss.forward(logits, labels))) * len(logits)
         predictions.append(logits.argmax(axis=1))
-    return metrics.scores(y, np.concatenate(predictions), total_loss / len(x), net[-1].shape[1])
+    return metrics.scores(y, np.concatenate(predictions), total_loss / len(x), num_classes)
+
+
+def one_hot(labels, num_classes):
+    """Class indices (N,) -> one-hot rows (N, num_classes), as the course's losses take their labels."""
+    return np.eye(num_classes)[labels]
 
 
 def regularization(loss):
-    """The L2 term of a RegularizedLoss, 0 for a plain data loss."""
-    return float(loss.regularization()) if isinstance(loss, layers.RegularizedLoss) else 0.0
+    """The L2 term of a RegularizedLoss (of any layers module: the course's API), 0 for a plain data loss."""
+    return float(np.squeeze(sum(reg.forward() for reg in getattr(loss, 'regularizer_losses', []))))
 
 
 def draw_conv_filters(epoch, step, layer, save_dir):

@@ -26,6 +26,7 @@ reach the files and the network of the user running it (run untrusted submission
 """
 import ast
 import collections
+import contextlib
 import importlib
 import os
 import pickle
@@ -111,6 +112,23 @@ def load_layers(path):
         raise cli.UserError(f"{filename} defines no class {', '.join(missing)} (the course's layers.py has "
                             f"{', '.join(COURSE_CLASSES)})")
     return module
+
+
+@contextlib.contextmanager
+def blamed(module):
+    """Inside the block, an exception raised in the code of a student's module (load_layers) becomes one line
+    naming its file and line, as a UserError: train.py --layers PATH runs a student's code, and a mistake there
+    is the student's to find, not a traceback of this project."""
+    try:
+        yield
+    except (cli.UserError, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        if getattr(module, '__file__', None) is None or module.__name__ in PROJECT_MODULES:
+            raise
+        where = where_it_failed(error, [module.__file__]) or os.path.basename(module.__file__)
+        raise cli.UserError(f"{where}: {type(error).__name__}: {one_line(error)} (raised in or after this line "
+                            f"of {module.__file__})") from None
 
 
 def load(path, salvage=False):

@@ -25,11 +25,18 @@ import layers
 import metrics
 import nn
 import plots
+import student
 import summary
 from run import Run
 
 SCRIPT = 'train'
 LAYERS = {'textbook': layers, 'fast': fast_layers}
+
+
+def layers_module(choice):
+    """--layers: layers.py ('textbook'), fast_layers.py ('fast'), or a student's layers.py (a path), loaded
+    without running its top-level statements (student.py)."""
+    return LAYERS[choice] if choice in LAYERS else student.load_layers(choice)
 
 # The lab's settings (the course's train.py): 8 epochs of plain SGD on mini-batches of 50, the learning
 # rate divided by 10 every two epochs.
@@ -138,20 +145,28 @@ def initial_loss(net, loss, mnist):
             'answers': {'initial_loss': answer}}
 
 
-def train_model(args, mnist, run_dir, make_loss=lambda net: layers.SoftmaxCrossEntropyWithLogits(), title=None):
-    """Builds the lab's net from args.seed and its loss (make_loss(net)), trains it with nn.train and tests it;
-    writes everything into run_dir and returns (results, net). With --resume, a run that finished is read
-    back and an unfinished one goes on from its checkpoint."""
+def train_model(args, mnist, run_dir, make_loss=lambda net, module: module.SoftmaxCrossEntropyWithLogits(),
+                title=None):
+    """Builds the lab's net of --layers from args.seed and its loss (make_loss(net, layers module)), trains it
+    with nn.train and tests it; writes everything into run_dir and returns (results, net). With --resume, a run
+    that finished is read back and an unfinished one goes on from its checkpoint."""
+    module = layers_module(args.layers)
+    with student.blamed(module):  # a student's layers' mistake is one line naming its file and line
+        return _train_model(args, mnist, run_dir, module, make_loss, title)
+
+
+def _train_model(args, mnist, run_dir, module, make_loss, title):
     np.random.seed(args.seed)
-    net = make_net(LAYERS[args.layers], args.batch_size, np.dtype(args.dtype).type)
-    loss = make_loss(net)
+    net = make_net(module, args.batch_size, np.dtype(args.dtype).type)
+    loss = make_loss(net, module)
     run = Run(run_dir, args.seed, args.resume is not None, args.epochs, len(mnist['train_x']), args.batch_size,
               arrays=nn.parameters(net), results={'script': f'{SCRIPT}.py', 'config': vars(args)})
     if run.finished:
         checkpoint.check_same_arrays(os.path.join(run_dir, 'weights.npz'), nn.parameters(net))
         print(f"{run_dir} finished already: test accuracy {run.results['test']['accuracy']:.2%}")
         return run.results, net
-    print(f"{args.layers} layers ({LAYERS[args.layers].__name__}.py), {args.dtype}")
+    source = f"{module.__name__}.py" if args.layers in LAYERS else student.layers_file(args.layers)
+    print(f"{args.layers if args.layers in LAYERS else 'student'} layers ({source}), {args.dtype}")
     if not run.resumed:
         nn.save_params(net, os.path.join(run_dir, 'init_weights.npz'))
         nn.draw_conv_filters(0, 0, net[0], run_dir)

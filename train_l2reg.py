@@ -28,8 +28,9 @@ WEIGHT_DECAY = 1e-3
 SWEEP = [1e-3, 1e-2, 1e-1]  # the lab's lambdas
 
 
-def regularized_loss(net, weight_decay, layer_names=('conv1', 'conv2', 'fc3')):
-    """Task 2's loss: cross-entropy + (weight_decay / 2) * ||w||^2 of the named layers' weights (not biases)."""
+def regularized_loss(net, weight_decay, layers=layers, layer_names=('conv1', 'conv2', 'fc3')):
+    """Task 2's loss, from the classes of the module `layers`: cross-entropy + (weight_decay / 2) * ||w||^2 of
+    the named layers' weights (not biases)."""
     regularizers = [layers.L2Regularizer(layer.weights, weight_decay, f'{layer.name}_l2reg')
                     for layer in net if layer.name in layer_names]
     return layers.RegularizedLoss(layers.SoftmaxCrossEntropyWithLogits(), regularizers)
@@ -128,7 +129,7 @@ def main(argv=None):
 
     def train_one(run_args, sub_dir):
         results, net = train.train_model(run_args, mnist, sub_dir,
-                                         lambda net: regularized_loss(net, run_args.weight_decay),
+                                         lambda net, module: regularized_loss(net, run_args.weight_decay, module),
                                          title=f'NumPy framework, {run_args.layers} layers, lambda = '
                                                f'{run_args.weight_decay:g}')
         return results, nn.parameters(net)

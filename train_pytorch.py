@@ -70,9 +70,9 @@ def make_parser():
                              'on the same batches, print both losses per step, exit 1 if they differ')
     parser.add_argument('--steps', type=cli.positive_int, default=50,
                         help='SGD steps of --compare-numpy (default: %(default)s)')
-    parser.add_argument('--layers', choices=sorted(task1.LAYERS), default='textbook',
-                        help='the NumPy layers --compare-numpy runs: layers.py (textbook) or fast_layers.py (fast) '
-                             '(default: %(default)s)')
+    parser.add_argument('--layers', type=cli.layers_choice, default='textbook', metavar='{textbook,fast,PATH}',
+                        help="the NumPy layers --compare-numpy runs: layers.py (textbook), fast_layers.py (fast), "
+                             "or a student's layers.py (default: %(default)s)")
     return parser
 
 
@@ -283,7 +283,7 @@ def compare_with_numpy(x, y, steps, batch_size, lr, weight_decay, seed, layers, 
         raise cli.UserError(f"--compare-numpy needs {steps} x {batch_size} training images, there are {len(x)}")
     np.random.seed(seed)
     net = task1.make_net(layers, batch_size, np.float64)
-    loss = train_l2reg.regularized_loss(net, weight_decay)
+    loss = train_l2reg.regularized_loss(net, weight_decay, layers)
     model = LabMnistNet().to(device=device, dtype=torch.float64)
     load_numpy_layout(model, numpy_nn.parameters(net), 'the NumPy net')
     optimizer = make_optimizer(model, lr, weight_decay)
@@ -292,8 +292,9 @@ def compare_with_numpy(x, y, steps, batch_size, lr, weight_decay, seed, layers, 
     for step in range(steps):
         xb, yb = x[step * batch_size:(step + 1) * batch_size], y[step * batch_size:(step + 1) * batch_size]
         logits = numpy_nn.forward_pass(net, xb)
-        numpy_loss = loss.forward(logits, yb)
-        numpy_nn.sgd_update_params(numpy_nn.backward_pass(net, loss, logits, yb), {'lr': lr})
+        labels = numpy_nn.one_hot(yb, 10)  # the course's losses take one-hot labels
+        numpy_loss = float(np.squeeze(loss.forward(logits, labels)))
+        numpy_nn.sgd_update_params(numpy_nn.backward_pass(net, loss, logits, labels), {'lr': lr})
 
         torch_loss = reg_loss(optimizer)
         optimizer.zero_grad()
@@ -321,7 +322,8 @@ def run_comparison(args, device, argv=None):
     print("loss = cross-entropy + (lambda/2) * sum of squared conv1, conv2, fc3 weights, before each step "
           "(PyTorch: the L2 gradient comes from SGD's weight_decay, the L2 term is computed for reporting)")
     rows, weight_diffs = compare_with_numpy(mnist['train_x'], mnist['train_y'], args.steps, args.batch_size,
-                                            lr, args.weight_decay, args.seed, task1.LAYERS[args.layers], device)
+                                            lr, args.weight_decay, args.seed, task1.layers_module(args.layers),
+                                            device)
     print(f"{'step':>5} {'numpy loss':>22} {'torch loss':>22} {'rel diff':>10}")
     for step, numpy_loss, torch_loss, diff in rows:
         print(f"{step:5d} {numpy_loss:22.16f} {torch_loss:22.16f} {diff:10.2e}")

@@ -6,7 +6,7 @@ import os
 
 from conftest import ROOT
 
-SHARED = {'layers', 'fast_layers', 'im2col', 'nn', 'run', 'checkpoint', 'cli', 'errors', 'readback', 'data',
+SHARED = {'layers', 'fast_layers', 'im2col', 'nn', 'run', 'checkpoint', 'cli', 'errors', 'readback', 'student', 'data',
           'safe_pickle', 'metrics', 'plots', 'summary', 'muon', 'distributed'}
 
 

@@ -99,7 +99,7 @@ def test_results_json_schema_and_outputs(small_mnist, tmp_path):
 
 def test_regularized_losses_add_up(small_mnist, tmp_path):
     results, net = train.train_model(parse('--epochs', '1'), small_mnist, str(tmp_path),
-                                     lambda net: train_l2reg.regularized_loss(net, 0.01))
+                                     lambda net, module: train_l2reg.regularized_loss(net, 0.01, module))
     record = results['epochs'][0]
     weights = nn.parameters(net)
     expected_reg = 0.005 * sum(np.sum(weights[f'{name}.weights'].astype(np.float64) ** 2)
@@ -146,7 +146,8 @@ def test_sweep_writes_the_comparison(small_mnist, tmp_path, capsys):
 
     def train_one(run_args, run_dir):
         results, net = train.train_model(run_args, small_mnist, run_dir,
-                                         lambda net: train_l2reg.regularized_loss(net, run_args.weight_decay))
+                                         lambda net, module: train_l2reg.regularized_loss(net, run_args.weight_decay,
+                                                                                          module))
         return results, nn.parameters(net)
     rows = train_l2reg.sweep(args, str(tmp_path), train_one)
     for name in ('sweep.json', 'sweep.md', 'sweep_filters.png'):
