@@ -34,6 +34,7 @@ import cli
 import fast_layers
 import layers
 import nn
+import summary
 import train
 
 CONTENDERS = ('fast float32', 'fast float64', 'textbook float32', 'torch float32')
@@ -110,8 +111,19 @@ def use_threads(threads):
     fast_layers.set_blas_threads(threads)   # the textbook layers' products; the fast layers set 1 inside
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The flags, weighed against the machine before any work: every thread count at most its CPUs, and the
+    memory of the nets it builds (four per thread count, each keeping what the textbook layers keep per image)."""
     args = make_parser().parse_args(argv)
+    cli.check_threads(max(args.threads))
+    per_image = summary.memory(summary.model_summary(train.make_net(layers, 1, np.float64), 1))['kept_bytes']['float64']
+    cli.check_memory(f"--batch-size {args.batch_size} at {len(set(args.threads))} thread count(s)",
+                     3 * 4 * len(set(args.threads)) * args.batch_size * per_image)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     cli.seed_everything(args.seed)
     if not fast_layers.set_blas_threads(1):
         print("note: NumPy's BLAS is not a bundled OpenBLAS here; it runs with its default thread count")
