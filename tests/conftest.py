@@ -93,7 +93,10 @@ def make_synthetic_mnist(root, num_train=200, num_test=50, gz=True, seed=0):
     return root
 
 
-def make_synthetic_cifar(root, per_batch=40, seed=0):
+CIFAR_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+
+def make_synthetic_cifar(root, per_batch=40, seed=0, class_names=CIFAR_NAMES):
     """Five training batches and a test batch of `per_batch` images; class = the brightest channel/region."""
     rng = np.random.default_rng(seed)
     folder = os.path.join(root, 'cifar-10-batches-py')
@@ -105,8 +108,8 @@ def make_synthetic_cifar(root, per_batch=40, seed=0):
             images[i, label % 3, 3 * label:3 * label + 3, :] = 255
         write_cifar_batch(os.path.join(folder, name), images, labels)
     with open(os.path.join(folder, 'batches.meta'), 'wb') as f:
-        pickle.dump({b'label_names': [b'airplane', b'automobile', b'bird', b'cat', b'deer', b'dog', b'frog',
-                                      b'horse', b'ship', b'truck'], b'num_cases_per_batch': per_batch}, f, protocol=2)
+        pickle.dump({b'label_names': [name.encode('latin1') for name in class_names],
+                     b'num_cases_per_batch': per_batch}, f, protocol=2)
     return root
 
 

@@ -23,6 +23,12 @@ SECTIONS = ["Do the layers' gradients agree", 'Why analytic rather than numerica
             'The two losses on equal terms', 'Wall time of each step']
 
 
+# Class names as a data file may hold them: markup for the report's tables, mathtext for matplotlib, a Markdown
+# image that points out of the published folder. Valid names (printable, short, distinct): they are escaped.
+HOSTILE_NAMES = ['air|plane', '![leak](../../../../etc/hostname)', r'$\frac{1}{0}$', 'cat*', '_deer_', 'dog<b>',
+                 '# frog', 'horse`', '[ship]', 'truck']
+
+
 def run_lab(data_dir, save_dir, *flags):
     return subprocess.run([sys.executable, os.path.join(ROOT, 'lab.py'), '--quick', '--mnist-dir', data_dir,
                            '--cifar-dir', data_dir, '--save-dir', save_dir, *flags],
@@ -34,7 +40,7 @@ def lab_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('lab')
     data_dir = str(root / 'data')
     make_synthetic_mnist(data_dir, num_train=1100, num_test=100)
-    make_synthetic_cifar(data_dir, per_batch=220)
+    make_synthetic_cifar(data_dir, per_batch=220, class_names=HOSTILE_NAMES)
     save_dir = str(root / 'runs')
     result = run_lab(data_dir, save_dir, '--extended', '--publish', str(root / 'published'))
     return root, data_dir, save_dir, result
@@ -65,6 +71,14 @@ def test_the_report_answers_every_question_with_its_figures(lab_run):
     task1 = json.load(open(os.path.join(save_dir, 'task1', 'results.json')))
     assert f"Test accuracy **{task1['test']['accuracy']:.2%}**" in report and task1['config']['layers'] == 'textbook'
     assert 'A --quick run' in report and '(JPEG stand-in)' in report
+    # class names from the data set are text, not markup, in the report; --publish copies no file a name points to
+    assert r'\!\[leak\]\(\.\./\.\./\.\./\.\./etc/hostname\)' in report and '![leak]' not in report
+    assert r'air\|plane' in report and r'\$\\frac\{1\}\{0\}\$' in report
+    published = os.path.realpath(root / 'published')
+    for parent, _, names in os.walk(root / 'published'):
+        for name in names:
+            assert os.path.realpath(os.path.join(parent, name)).startswith(published + os.sep)
+    assert not os.path.exists(root / 'etc')
     # the cross-entropy run of the bonus is task 4's, not trained again
     assert not os.path.exists(os.path.join(save_dir, 'bonus', 'cross-entropy'))
 

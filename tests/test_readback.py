@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import ROOT, make_synthetic_cifar, make_synthetic_mnist
+from conftest import CIFAR_NAMES, ROOT, make_synthetic_cifar, make_synthetic_mnist
 from test_hostile_runs import BASES, FinishedRuns, command_line, load_checkpoint, save_checkpoint
 from test_resume import pausing
 
@@ -250,6 +250,28 @@ def test_a_sweep_folder_is_held_too(data_dir, tmp_path):
     live.kill()
     live.wait(timeout=60)
     assert run_script('train_l2reg.py', ['--resume', str(run_dir)]).returncode == 0  # the OS let go of the lock
+
+
+# ----------------------------------------------------------------------------- class names are data
+
+BAD_NAMES = {  # case -> (the ten names, a phrase)
+    'a name of 200 kB': (['x' * 200_000] + CIFAR_NAMES[1:], 'is not 1 to 40 printable characters'),
+    'ten equal names': (['cat'] * 10, 'two classes share a name'),
+    'a name with a newline': (['air\nplane'] + CIFAR_NAMES[1:], 'is not 1 to 40 printable characters'),
+    'an empty name': ([''] + CIFAR_NAMES[1:], 'is not 1 to 40 printable characters'),
+    'a name with a trailing space': (['cat '] + CIFAR_NAMES[1:], 'is not 1 to 40 printable characters'),
+    'nine names': (CIFAR_NAMES[:9], 'a list of 10 class names'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_NAMES))
+def test_bad_class_names_are_refused_before_any_work(tmp_path, case):
+    names, phrase = BAD_NAMES[case]
+    data = make_synthetic_cifar(str(tmp_path / 'data'), per_batch=10, class_names=names)
+    result = run_script('train_cifar.py', ['--data-dir', data, '--valid-size', '20', '--limit', '20', '--batch-size',
+                                           '10', '--epochs', '1', '--device', 'cpu', '--save-dir', str(tmp_path / 'runs')])
+    assert_refused(result, 'batches.meta: ', phrase)
+    assert not (tmp_path / 'runs').exists()
 
 
 # ----------------------------------------------------------------------------- lab.py's own files
