@@ -282,9 +282,11 @@ def model_section(report):
     table.append(f"| total | | {sum(r['params'] for r in rows):,} | | {summary['memory']['activations']:,} |")
     report.add(
         "### How are im2col_cython and col2im_cython used?",
-        "`layers.Convolution.forward` turns the batch into columns with `im2col_cython`: one column per output "
-        "pixel of every image, one row per (input channel, kernel row, kernel column), so the convolution is one "
-        "matrix product `weights @ x_cols` (filters x columns), reshaped to (N, F, H', W'). `backward_params` "
+        "`layers.Convolution.forward` turns the batch into columns with `im2col_cython`: one row per (input "
+        "channel, kernel row, kernel column), one column per (output row, output column, image), the image "
+        "fastest, as the course's code lays them out; the convolution is then one matrix product "
+        "`weights @ x_cols` (filters x columns), reshaped to (F, H', W', N) and transposed to (N, F, H', W'). "
+        "`backward_params` "
         "multiplies the output gradient by the same columns; `backward_inputs` multiplies it by the weights and "
         "`col2im_cython` adds every column entry back onto the pixel it came from.", "",
         "### The net: a sketch, tensor sizes and parameters (`python train.py --summary-only`)")
