@@ -156,6 +156,10 @@ def train_model(args, mnist, run_dir, make_loss=lambda net, module: module.Softm
 
 
 def _train_model(args, mnist, run_dir, module, make_loss, title):
+    # NumPy's OpenBLAS on one thread: these products are small, and when anything else runs on the machine a
+    # multi-threaded OpenBLAS's threads wait for each other, many times slower (README, "Speed"). The fast layers
+    # split their own work between threads.
+    fast_layers.set_blas_threads(1)
     np.random.seed(args.seed)
     net = make_net(module, args.batch_size, np.dtype(args.dtype).type)
     loss = make_loss(net, module)

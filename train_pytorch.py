@@ -38,6 +38,7 @@ from torch import nn
 import checkpoint
 import cli
 import data
+import fast_layers
 import metrics
 import nn as numpy_nn
 import plots
@@ -316,6 +317,7 @@ def run_comparison(args, device, argv=None):
     lr = args.lr_policy[1]
     num_images = args.steps * args.batch_size
     mnist = data.prepare_mnist(args.data_dir, np.float64, valid_size=args.valid_size)
+    fast_layers.set_blas_threads(1)  # as train.py runs the NumPy layers
     print(f"NumPy ({args.layers} layers) vs PyTorch, float64: {args.steps} SGD steps, lr {lr:g}, lambda "
           f"{args.weight_decay:g}, batches of {args.batch_size} from the first {num_images} training images in "
           f"order, the same initial weights (NumPy's, seed {args.seed}).")
