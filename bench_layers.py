@@ -27,6 +27,10 @@ import argparse
 import os
 import time
 
+# Before torch starts its OpenMP threads: idle ones sleep instead of spinning. Spinning, they wait for each
+# other whenever anything else runs on the machine, and a training step takes many times longer (README).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
 import numpy as np
 import torch
 

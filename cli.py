@@ -419,7 +419,7 @@ def machine():
     info = {'cpu': model, 'cpu_flags': sorted(flags & {'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16'}),
             'cores': len(os.sched_getaffinity(0)), 'load_average': os.getloadavg(),
             'python': platform.python_version(), 'numpy': np.__version__, 'git_commit': commit, 'git_dirty': dirty,
-            'environment': {key: os.environ[key] for key in ('OPENBLAS_CORETYPE', 'OPENBLAS_L2_SIZE', 'OPENBLAS_NUM_THREADS',
+            'environment': {key: os.environ[key] for key in ('OPENBLAS_CORETYPE', 'OPENBLAS_L2_SIZE', 'OPENBLAS_NUM_THREADS', 'OMP_WAIT_POLICY',
                                                              'OMP_NUM_THREADS') if key in os.environ}}
     if 'torch' in sys.modules:
         torch = sys.modules['torch']

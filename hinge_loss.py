@@ -24,6 +24,10 @@ import argparse
 import functools
 import os
 
+# Before torch starts its OpenMP threads: idle ones sleep instead of spinning. Spinning, they wait for each
+# other whenever anything else runs on the machine, and a training step takes many times longer (README).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
 import torch
 import torch.nn.functional as F
 
