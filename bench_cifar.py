@@ -13,28 +13,40 @@ slows them alike; a ratio measured here is meaningful, an absolute number only o
 FLOPs per image are the model's, counted by torch.utils.flop_counter (training step = forward + backward;
 the optimizer's work, such as Muon's Newton-Schulz iterations, is not in them).
 
-Writes into <save-dir>/<run-name>/: results.json (speeds, FLOPs, the runs' final accuracies and times to
-85/90/94%) and, given runs, time_to_accuracy.png (test accuracy against training seconds).
+Writes into <save-dir>/<run-name>/: config.json (the command line), results.json (speeds, FLOPs, the machine,
+the runs' final accuracies and times to 85/90/94%) and, given runs, time_to_accuracy.png (test accuracy against
+training seconds).
 """
 import argparse
 import itertools
-import json
 import os
 import time
+
+# Before torch starts its OpenMP threads: idle ones sleep instead of spinning. Spinning, they wait for each
+# other whenever anything else runs on the machine, and a training step takes many times longer (README).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
 import cli
+import readback
 from plots import plot_time_to_accuracy
 from train_cifar import ConvNet
 from train_cifar_fast import (PRESETS, TARGETS, FastNet, augment, autocast_for, make_optimizers, make_train_step,
-                              set_lr, widths)
+                              set_lr, step_bytes, widths)
 
+SCRIPT = 'bench_cifar'
 LAB = 'lab ConvNet, batch 50, fp32, sgd'
+REACHED = [f'{t:.0%}' for t in TARGETS]  # the keys of a run's seconds_to_accuracy
+SECONDS_OR_NONE = (float, type(None))
+# What the bench reads of a train_cifar_fast.py results.json, checked before it is used (readback)
+RUN_RESULTS = {'script': str, 'data': str, 'summary': dict, 'runs': [{
+    'seed': readback.COUNT, 'train_seconds': readback.Number(0), 'test': {'accuracy': readback.Number(0, 1)},
+    'seconds_to_accuracy': {key: SECONDS_OR_NONE for key in REACHED},
+    'history': {'seconds': [readback.Number(0)], 'test_acc': [readback.Number(0, 1)], 'train_loss': [SECONDS_OR_NONE]}}]}
 
 
 def make_parser():
@@ -54,6 +66,15 @@ def make_parser():
                         help='training images per model per round (default: 2048)')
     parser.add_argument('--threads', type=cli.positive_int, default=None, help='CPU threads (default: all available)')
     return parser
+
+
+def parse_args(argv=None):
+    parser = make_parser()
+    parser.set_defaults(resume=None)  # nothing to resume, but cli.parse_args's checks of --save-dir and --run-name
+    args = cli.parse_args(parser, SCRIPT, argv)
+    if args.threads:
+        cli.check_threads(args.threads)
+    return args
 
 
 def lab_step(model, device):
@@ -108,7 +129,8 @@ def measure_speeds(args, device):
         step()
         step()
     speeds = {name: [] for name in contenders}
-    for _ in tqdm(range(args.rounds), desc='rounds', leave=False):
+    bar = cli.progress_bar(args.rounds, desc='rounds')
+    for _ in range(args.rounds):
         for name, (_, batch_size, step) in contenders.items():
             count = max(1, args.images // batch_size)
             if device.type == 'cuda':
@@ -119,6 +141,8 @@ def measure_speeds(args, device):
             if device.type == 'cuda':
                 torch.cuda.synchronize()
             speeds[name].append(count * batch_size / (time.perf_counter() - start))
+        bar.update()
+    bar.close()
     return {name: {'images_per_second': float(np.median(s)), 'all_rounds': s, 'batch_size': contenders[name][1],
                    'training_gflops_per_image': flops[name] / 1e9,
                    'achieved_gflops_per_second': flops[name] * float(np.median(s)) / 1e9}
@@ -126,26 +150,31 @@ def measure_speeds(args, device):
 
 
 def read_run(path):
+    """The results of a train_cifar_fast.py run, from its folder or its results.json, read as lab.py reads
+    results (readback): a file too large, nested too deep, not JSON, or without what the bench uses is one
+    line naming it."""
     path = os.path.join(path, 'results.json') if os.path.isdir(path) else path
-    try:
-        with open(path) as f:
-            results = json.load(f)
-        return results if results.get('script') == 'train_cifar_fast.py' else None
-    except (OSError, ValueError):
-        return None
+    results = readback.read_json(path, RUN_RESULTS)
+    if results['script'] != 'train_cifar_fast.py':
+        raise readback.ReadBackError(f"{path}: not a train_cifar_fast.py run's results but those of {results['script'][:60]!r}")
+    for run in results['runs']:
+        history = run['history']
+        if not len(history['seconds']) == len(history['test_acc']) == len(history['train_loss']):
+            raise readback.ReadBackError(f"{path}: the history of seed {run['seed']} has lists of different lengths")
+        run['seconds_to_accuracy'] = {key: run['seconds_to_accuracy'][key] for key in REACHED}  # only what was checked
+    return results
 
 
-def main():
-    args = make_parser().parse_args()
-    runs = {path: read_run(path) for path in args.runs}
-    bad = [path for path, results in runs.items() if results is None]
-    if bad:
-        raise cli.UserError(f"not a train_cifar_fast.py run folder or results.json: {', '.join(bad)}")
+def main(argv=None):
+    args = parse_args(argv)
+    runs = {path: read_run(path) for path in args.runs}  # before any work: a bad file is one line
     device = cli.torch_device(args.device)
+    if device.type == 'cpu':  # the largest FastNet step, weighed before any work (on a GPU it is the GPU's memory)
+        cli.check_memory(f"--batch-size {max(args.batch_size)}",
+                         max(step_bytes(w, max(args.batch_size)) for w in args.widths))
     if args.threads:
         torch.set_num_threads(args.threads)
     cli.seed_everything(args.seed)
-    run_dir = cli.make_run_dir(args.save_dir, args.run_name, 'bench_cifar', args.overwrite)
 
     load_at_start = os.getloadavg()
     speeds = measure_speeds(args, device)
@@ -158,22 +187,25 @@ def main():
               f"{s['achieved_gflops_per_second']:6.1f} GFLOP/s  {s['images_per_second'] / lab:5.2f}x the lab model's, "
               f"{s['images_per_second'] / first_fast:5.3f}x the first FastNet's img/s")
 
-    results = {'script': 'bench_cifar.py', 'config': vars(args), 'device': str(device), 'speeds': speeds,
-               'load_average_at_start': load_at_start, 'load_average_at_end': os.getloadavg(), 'runs': {}}
+    results = {'script': f'{SCRIPT}.py', 'config': vars(args), 'machine': cli.machine(), 'device': str(device),
+               'speeds': speeds, 'load_average_at_start': load_at_start, 'load_average_at_end': os.getloadavg(),
+               'runs': {}}
     curves = {}
     for path, run_results in runs.items():
         label = os.path.basename(os.path.dirname(path) if path.endswith('.json') else os.path.normpath(path))
         for run in run_results['runs']:
             curves[f"{label} seed {run['seed']}"] = run['history']
             reached = ', '.join(f"{k} {'-' if v is None else f'{v:.0f} s'}" for k, v in run['seconds_to_accuracy'].items())
-            print(f"{label} seed {run['seed']}: test accuracy {run['test_accuracy']:.2%} ({run_results['data']}) after "
-                  f"{run['train_seconds']:.0f} s of training; time to {reached}")
+            print(f"{label} seed {run['seed']}: test accuracy {run['test']['accuracy']:.2%} ({run_results['data']}) "
+                  f"after {run['train_seconds']:.0f} s of training; time to {reached}")
         results['runs'][path] = {'data': run_results['data'], 'summary': run_results['summary'],
                                  'seconds_to_accuracy': [r['seconds_to_accuracy'] for r in run_results['runs']]}
-    if curves:
-        names = sorted({r['data'] for r in runs.values()})
-        plot_time_to_accuracy(os.path.join(run_dir, 'time_to_accuracy.png'), curves, TARGETS, title=', '.join(names))
-    cli.write_json(os.path.join(run_dir, 'results.json'), results)
+    with cli.run_folder(args, SCRIPT, argv, resumable=False) as run_dir:
+        if curves:
+            names = sorted({r['data'] for r in runs.values()})
+            plot_time_to_accuracy(os.path.join(run_dir, 'time_to_accuracy.png'), curves, TARGETS,
+                                  title=', '.join(names))
+        cli.write_json(os.path.join(run_dir, 'results.json'), results)
     print(f"wrote {run_dir}")
 
 

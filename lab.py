@@ -11,7 +11,7 @@ a stopped one goes on from its checkpoint (--resume). steps.json records each st
 --extended adds the runs that choose CIFAR-10's lambda (0, 1e-4, 1e-3, 1e-2; the default over 3 seeds)
 and compare the two losses of the bonus on equal terms (both learning rates tuned alike; 3 seeds); the
 report includes them when they are there. CIFAR-10 numbers measured on the JPEG stand-in say so.
---publish DIR copies REPORT.md, the figures it shows and the steps' outputs there.
+--publish DIR copies REPORT.md, the figures it shows, steps.json and the steps' outputs and result files there.
 """
 import argparse
 import contextlib
@@ -524,15 +524,22 @@ def write_report(folder, done, quick):
     return report
 
 
+RESULT_FILES = ('results.json', 'config.json', 'sweep.json', 'sweep.md', 'compare.json', 'compare.md', 'tune.json',
+                'tune.md', 'compare_numpy.json', 'summary.json', 'log.csv')  # what --publish copies from every step
+
+
 def publish(report, destination):
-    """Copies REPORT.md, every figure and file it shows or read, and every step's output (<step>.log) into
-    destination, keeping their relative paths: an explicit list of files this lab wrote, never paths found in
-    a text."""
+    """Copies REPORT.md, every figure and file it shows or read, steps.json, every step's output (<step>.log)
+    and its result files (RESULT_FILES, in its folder and its runs' folders) into destination, keeping their
+    relative paths: an explicit list of names this lab wrote, never paths found in a text."""
     logs = [f'{step.name}.log' for step in STEPS + EXTENDED if report.has(f'{step.name}.log')]
-    for path in report.files + logs + ['REPORT.md']:
+    results = [os.path.relpath(path, report.folder) for step in STEPS + EXTENDED for name in RESULT_FILES
+               for path in sorted(glob.glob(os.path.join(glob.escape(report.folder), step.name, '**', name),
+                                            recursive=True)) if os.path.isfile(path) and not os.path.islink(path)]
+    for path in dict.fromkeys(report.files + results + logs + ['steps.json', 'REPORT.md']):
         os.makedirs(os.path.join(destination, os.path.dirname(path)), exist_ok=True)
         shutil.copyfile(os.path.join(report.folder, path), os.path.join(destination, path))
-    print(f"copied the report, its figures and the steps' output to {destination}")
+    print(f"copied the report, its figures and the steps' output and results to {destination}")
 
 
 if __name__ == '__main__':

@@ -37,8 +37,11 @@ the batch; DistributedDataParallel averages the gradients (gloo on the CPU, nccl
 statistics are averaged across processes before every evaluation, and process 0 evaluates and writes.
 
 Writes into <save-dir>/<run-name>/:
-    results.json            config, load average, per-evaluation (seconds, test accuracy) points, time to
-                            85/90/94% test accuracy, final test scores; one entry per seed, and a summary
+    config.json             the script and its command line
+    results.json            config, machine, load average, per-evaluation (seconds, test accuracy) points, time
+                            to 85/90/94% test accuracy, final test scores (metrics.summary's 'test', as every
+                            training script's results.json has it); one entry per seed under 'runs', 'test' of
+                            the model of --seed, and a summary over the seeds
     time_to_accuracy.png    test accuracy and training loss against training seconds, one line per seed
     model_seed<S>.pt        state_dict of the evaluated (EMA) model of each seed
 """
@@ -51,11 +54,14 @@ import math
 import os
 import time
 
+# Before torch starts its OpenMP threads: idle ones sleep instead of spinning. Spinning, they wait for each
+# other whenever anything else runs on the machine, and a training step takes many times longer (README).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import checkpoint
 import cli
@@ -64,6 +70,9 @@ import distributed
 import metrics
 import muon
 from plots import plot_time_to_accuracy
+from run import Diverged
+
+SCRIPT = 'train_cifar_fast'
 
 # ----------------------------------------------------------------------------- settings
 # Every setting is the default of the command-line option of the same name (--label-smoothing, ...).
@@ -78,21 +87,16 @@ RECIPE = dict(
 EMA_EVERY = 5  # steps between EMA updates (decay ** 5 each time: the same average at a fifth of the cost)
 TARGETS = (0.85, 0.90, 0.94)  # test accuracies whose first training second is reported
 
-# The presets fill the options not given. Widths 64/128/256 train ~810-870 img/s on 2 cores with AVX-512 BF16
-# (bf16), but ~250 img/s on 2 AVX2 cores (fp32): 10 CPU minutes buy ~9.5 epochs there and ~2.6 here.
+# The presets fill the options not given (parse_args); the README's "Beyond the lab" has the runs that chose them.
 # SGD: airbench94's lr 11.5, momentum 0.85 and weight decay 0.0153 (its units: a summed loss, steps scaled by
 # 1 + 1/(1 - momentum)) translated to a mean loss: lr 0.75 and weight decay 1.33e-3 at batch 512, the lr in
-# proportion to the batch. In a 5-minute run they gave 87.5% against 87.0% for lr 0.4, momentum 0.9, weight
-# decay 5e-4 (one seed each).
+# proportion to the batch.
 # Muon: its lr is a relative step size (muon.py), the same for a summed or a mean loss. airbench94_muon's lr 0.24
 # and momentum 0.6 at batch 2000 become lr = 0.24 * batch / 2000 (the same total step per epoch) and
 # 1 - momentum = 0.4 * sqrt(batch / 2000) (the momentum averages over more steps, fewer images, as the batch
-# shrinks): at batch 1000 that is lr 0.12 and momentum 0.72, where airbench measured 0.5x its lr and momentum
-# 0.7 as best; at batch 256, lr 0.03 and momentum 0.85. The parameters SGD trains alongside Muon (whitening
-# bias, BN, head) keep the SGD settings, their lr in proportion to the batch.
-# The CPU preset is the best measured (JPEG stand-in, fp32, one seed each): 9-epoch runs gave 90.05% for Muon
-# at batch 256 and 89.82% at batch 512 (muon_lr 0.06, momentum 0.8); 10-minute runs on 2 AVX2 cores gave
-# 85.64% for this preset and 84.60% for SGD at batch 512, the previous preset. The GPU preset is untried.
+# shrinks): at batch 256, lr 0.03 and momentum 0.85; at batch 1024, about 0.12 and 0.7. The parameters SGD trains
+# alongside Muon (whitening bias, BN, head) keep the SGD settings, their lr in proportion to the batch.
+# The GPU preset is untried.
 PRESETS = {
     'cpu': dict(widths=(64, 128, 256), batch_size=256, optimizer='muon', lr=0.375, momentum=0.85,
                 weight_decay=1.33e-3, muon_lr=0.03, muon_momentum=0.85, epochs=10.0, tta=2),
@@ -167,14 +171,61 @@ def make_parser():
                         help="the lab's validation split (default: 5000)")
     parser.add_argument('--limit', type=cli.positive_int, default=None, help='train on the first N images only (quick runs)')
     parser.set_defaults(**RECIPE)
+    for action in parser._actions:  # a preset fills these when not given (None), so --help shows its values
+        if action.dest in PRESETS['cpu']:
+            action.help += f" (default: {preset_defaults(action.dest)})"
     return parser
 
 
+def preset_defaults(dest):
+    """What --help says of an option a preset fills: its value, or each preset's where they differ."""
+    values = {name: as_typed(preset[dest]) for name, preset in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        return values['cpu']
+    return ', '.join(f"{value} with --preset {name}" for name, value in values.items())
+
+
+def as_typed(value):
+    """A preset's value as one would type it: 64,128,256; 0.00133; muon."""
+    if isinstance(value, tuple):
+        return ','.join(map(str, value))
+    return f'{value:g}' if isinstance(value, float) else str(value)
+
+
 def parse_args(argv=None):
-    """Parses twice: the preset fills the defaults that the explicit options did not set."""
+    """The flags, parsed once; the preset fills the options not given (None). What could only fail later is
+    refused here, before any work: a batch larger than CIFAR-10's training images, more threads than CPUs,
+    seeds past 2**32 - 1."""
     parser = make_parser()
-    parser.set_defaults(**PRESETS[parser.parse_args(argv).preset])
-    return parser.parse_args(argv)
+    parser.set_defaults(resume=None)  # nothing to resume (no checkpoints), but cli.parse_args's checks of the folder
+    args = cli.parse_args(parser, SCRIPT, argv)
+    for dest, value in PRESETS[args.preset].items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    if args.valid_size >= data.CIFAR_TRAIN_SIZE:
+        raise cli.UserError(f"--valid-size {args.valid_size} leaves no CIFAR-10 training images")
+    num_train = data.CIFAR_TRAIN_SIZE - (args.valid_size if args.holdout else 0)
+    cli.check_batch_size(args.batch_size, min(args.limit or num_train, num_train),
+                         'left by --limit' if args.limit and args.limit < num_train else
+                         'that --holdout leaves of CIFAR-10' if args.holdout else 'of CIFAR-10')
+    if args.threads:
+        cli.check_threads(args.threads)
+    if args.seed + args.seeds > 2 ** 32:
+        raise cli.UserError(f"--seed {args.seed} with --seeds {args.seeds} goes past the largest seed, 2**32 - 1")
+    return args
+
+
+def step_bytes(widths, batch_size):
+    """The memory of one training step of FastNet on the CPU, roughly: twice the float32 outputs of its layers
+    (what backward keeps, and their gradients; 1.9x measured at batch 128)."""
+    outputs = []
+    model = FastNet(widths)
+    for module in model.modules():
+        if not list(module.children()):
+            module.register_forward_hook(lambda module, inputs, output: outputs.append(output.numel()))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    return 2 * 4 * sum(outputs) * batch_size
 
 
 # ----------------------------------------------------------------------------- model
@@ -399,10 +450,11 @@ class History:
             point['valid_acc'] = test['valid_acc']
         for key, value in point.items():
             self.points[key].append(value)
-        tqdm.write(f"seed {self.seed} epoch {point['epoch']:5.2f} | {seconds:7.1f} s | train loss {train_loss:.4f} | "
-                   f"test loss {test['loss']:.4f} acc {test['accuracy']:.2%} ({self.data_name})")
+        print(f"seed {self.seed} epoch {point['epoch']:5.2f} | {seconds:7.1f} s | train loss {train_loss:.4f} | "
+              f"test loss {test['loss']:.4f} acc {test['accuracy']:.2%} ({self.data_name})")
         if losses and not math.isfinite(train_loss):
-            raise cli.UserError(f"training diverged (loss {train_loss}); lower --lr or --muon-lr")
+            raise Diverged(f"the training loss became {train_loss} by epoch {point['epoch']:.2f}, step {step}; "
+                           f"lower --lr or --muon-lr")
 
     def seconds_to(self, target):
         """Training seconds of the first evaluation with a test accuracy >= target (None if none)."""
@@ -525,8 +577,10 @@ def weight_fingerprints(model, ema, ranks):
 
 # ----------------------------------------------------------------------------- training
 
-def train(args, dataset, seed, device, ranks):
-    """Trains one model with `seed`; returns its results (on process 0; None on the others)."""
+def trainer(args, dataset, seed, device, ranks):
+    """Builds the model of `seed` and its optimizers and warms up, which sizes the schedule (a --time-budget
+    that the warm-up uses up is a UserError here, before any training). Returns train(), which trains the
+    model and returns its results (on process 0; None on the others)."""
     cli.seed_everything(seed)
     load_at_start = os.getloadavg()  # other work on the machine slows training: say how much there was
     train_x, train_y = dataset['train_x'], dataset['train_y']
@@ -541,61 +595,74 @@ def train(args, dataset, seed, device, ranks):
                     device)
     clock = Clock(device)
     schedule = Schedule(args, steps_per_epoch, speed, clock, ranks)
-    ema = copy.deepcopy(model).eval() if args.ema > 0 else model
-    evaluated = TTAModel(ema, args.tta, autocast)
-    history = History(seed, steps_per_epoch, dataset['name'])
-    batches = shuffled_batches(len(train_x), local_batch, ranks, seed, device)
-    augment_generator = torch.Generator(device=device).manual_seed(seed * 1000 + ranks.rank)  # differs per process
-    eval_steps = max(1, round(args.eval_every * steps_per_epoch))
-    if ranks.main:
-        print(f"seed {seed}: warm-up {speed['warmup_seconds']:.1f} s ({speed['seconds_per_step']:.3f} s/step, final "
-              f"evaluation ~{speed['final_eval_seconds']:.1f} s); {'about ' if args.time_budget else ''}"
-              f"{schedule.total_steps} steps = {schedule.total_steps / steps_per_epoch:.2f} epochs")
 
-    def evaluate_now(step, losses):
-        """Evaluates the EMA model on process 0 (BN statistics averaged over the processes first)."""
-        ranks.average_(ema.buffers())  # the weights are identical on every process already
-        test = evaluate(evaluated, dataset, args.holdout) if ranks.main else None
+    def train():
+        ema = copy.deepcopy(model).eval() if args.ema > 0 else model
+        evaluated = TTAModel(ema, args.tta, autocast)
+        history = History(seed, steps_per_epoch, dataset['name'])
+        batches = shuffled_batches(len(train_x), local_batch, ranks, seed, device)
+        augment_generator = torch.Generator(device=device).manual_seed(seed * 1000 + ranks.rank)  # differs per process
+        eval_steps = max(1, round(args.eval_every * steps_per_epoch))
         if ranks.main:
-            history.add(step, clock.seconds(), optimizers[0].param_groups[0]['lr'], losses, test)
-        losses.clear()
-        ranks.barrier()
-        return test
+            print(f"seed {seed}: warm-up {speed['warmup_seconds']:.1f} s ({speed['seconds_per_step']:.3f} s/step, "
+                  f"final evaluation ~{speed['final_eval_seconds']:.1f} s); {'about ' if args.time_budget else ''}"
+                  f"{schedule.total_steps} steps = {schedule.total_steps / steps_per_epoch:.2f} epochs")
+        bar = None  # process 0's progress bar up to the next evaluation, which closes it before printing its line
 
-    # the training loop; under a time budget the bar counts training seconds, else steps
-    progress_bar = tqdm(total=round(schedule.seconds) if args.time_budget else schedule.total_steps,
-                        unit='s' if args.time_budget else 'it', desc=f"seed {seed}", disable=not ranks.main, leave=False)
-    step, losses = 0, []
-    clock.start()
-    while (progress := schedule.progress(step)) < 1:
-        indices = next(batches)
-        x, y = augment(train_x[indices], augment_generator, args.translate), train_y[indices]
-        set_lr(optimizers, one_cycle(progress, args.warmup))
-        losses.append(train_step(x, y))
-        step += 1
-        if ema is not model:
-            update_ema(ema, model, step, args.ema)
-        progress_bar.update(round(clock.seconds()) - progress_bar.n if args.time_budget else 1)
-        if step % eval_steps == 0 and schedule.progress(step) < 1:
-            with clock.paused():
-                evaluate_now(step, losses)
-    clock.stop()
-    progress_bar.close()
-    final_eval = Clock(device)  # the final evaluation is part of the budget
-    final_eval.start()
-    test = evaluate_now(step, losses)
-    final_eval.stop()
+        def position():  # of the bar: training seconds under a time budget, else steps
+            return round(clock.seconds()) if args.time_budget else step
 
-    fingerprints = weight_fingerprints(model, ema, ranks)
-    if not ranks.main:
-        return None
-    return run_results(seed, history, test, speed, step, steps_per_epoch, args.batch_size, final_eval.total,
-                       load_at_start, fingerprints, ema)
+        def evaluate_now(step, losses):
+            """Evaluates the EMA model on process 0 (BN statistics averaged over the processes first)."""
+            nonlocal bar
+            if bar is not None:
+                bar.close()
+                bar = None
+            ranks.average_(ema.buffers())  # the weights are identical on every process already
+            test = evaluate(evaluated, dataset, args.holdout) if ranks.main else None
+            if ranks.main:
+                history.add(step, clock.seconds(), optimizers[0].param_groups[0]['lr'], losses, test)
+            losses.clear()
+            ranks.barrier()
+            return test
+
+        step, losses = 0, []
+        clock.start()
+        while (progress := schedule.progress(step)) < 1:
+            if ranks.main and bar is None:
+                bar = cli.progress_bar(round(schedule.seconds) if args.time_budget else schedule.total_steps,
+                                       initial=position(), unit='s' if args.time_budget else 'step',
+                                       desc=f"seed {seed}")
+            indices = next(batches)
+            x, y = augment(train_x[indices], augment_generator, args.translate), train_y[indices]
+            set_lr(optimizers, one_cycle(progress, args.warmup))
+            losses.append(train_step(x, y))
+            step += 1
+            if ema is not model:
+                update_ema(ema, model, step, args.ema)
+            if bar is not None:
+                bar.update(position() - bar.n)
+            if step % eval_steps == 0 and schedule.progress(step) < 1:
+                with clock.paused():
+                    evaluate_now(step, losses)
+        clock.stop()
+        final_eval = Clock(device)  # the final evaluation is part of the budget
+        final_eval.start()
+        test = evaluate_now(step, losses)
+        final_eval.stop()
+
+        fingerprints = weight_fingerprints(model, ema, ranks)
+        if not ranks.main:
+            return None
+        return run_results(seed, history, metrics.summary(test, dataset['class_names']), speed, step, steps_per_epoch,
+                           args.batch_size, final_eval.total, load_at_start, fingerprints, ema)
+    return train
 
 
 def run_results(seed, history, test, speed, steps, steps_per_epoch, batch_size, final_eval_seconds, load_at_start,
                 fingerprints, ema):
-    """The record of one trained model: speed, load, times to the TARGETS, history, test scores, weights."""
+    """The record of one trained model: speed, load, times to the TARGETS, history, test scores (metrics.summary's
+    dict), weights."""
     train_seconds = history.points['seconds'][-1]
     return {'seed': seed, 'load_average_at_start': load_at_start, 'load_average_at_end': os.getloadavg(),
             'steps': steps, 'epochs': steps / steps_per_epoch, 'steps_per_epoch': steps_per_epoch,
@@ -605,9 +672,7 @@ def run_results(seed, history, test, speed, steps, steps_per_epoch, batch_size, 
             'budget_seconds': speed['warmup_seconds'] + train_seconds + final_eval_seconds,
             'images_per_second': steps * batch_size / train_seconds,
             'seconds_to_accuracy': {f'{t:.0%}': history.seconds_to(t) for t in TARGETS},
-            'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-            'test_macro_precision': test['macro_precision'], 'test_macro_recall': test['macro_recall'],
-            'test_confusion': test['confusion'], 'history': history.points,
+            'test': test, 'history': history.points,
             'weights_sha256_per_process': fingerprints,
             'state_dict': {name: value.cpu() for name, value in ema.state_dict().items()}}
 
@@ -632,7 +697,7 @@ def load_data(args, device):
 
 
 def summarise(runs):
-    accuracy = np.array([run['test_accuracy'] for run in runs])
+    accuracy = np.array([run['test']['accuracy'] for run in runs])
     summary = {'seeds': [run['seed'] for run in runs], 'test_accuracy_mean': accuracy.mean(),
                'test_accuracy_std': accuracy.std(ddof=1) if len(runs) > 1 else 0.0,
                'train_seconds_mean': float(np.mean([run['train_seconds'] for run in runs]))}
@@ -647,15 +712,15 @@ def summarise(runs):
 
 
 def print_run(run, data_name):
-    print(f"seed {run['seed']}: test accuracy {run['test_accuracy']:.2%} ({data_name}) after "
+    print(f"seed {run['seed']}: test accuracy {run['test']['accuracy']:.2%} ({data_name}) after "
           f"{run['train_seconds']:.1f} s of training ({run['epochs']:.2f} epochs, {run['images_per_second']:.0f} img/s; "
           f"{run['budget_seconds']:.1f} s with warm-up and final evaluation; load average "
           f"{run['load_average_at_start'][0]:.2f} -> {run['load_average_at_end'][0]:.2f}); seconds to "
           + ', '.join(f"{k}: {'-' if v is None else f'{v:.1f}'}" for k, v in run['seconds_to_accuracy'].items()))
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = cli.torch_device(args.device)
     if args.precision == 'auto':
         args.precision = 'bf16' if device.type == 'cuda' or cpu_computes_bf16() else 'fp32'
@@ -665,32 +730,41 @@ def main():
     device = ranks.device
     if args.batch_size % ranks.world:
         raise cli.UserError(f"--batch-size {args.batch_size} is not divisible by the {ranks.world} processes")
+    # before any data is loaded: the images as load_data holds them at most (the training images twice while it
+    # joins the validation images to them), and a training step where it is in this memory, not a GPU's
+    cli.check_memory(f"CIFAR-10 with --batch-size {args.batch_size}", (2 * data.CIFAR_TRAIN_SIZE + 10_000) * 3072 * 4
+                     + (step_bytes(args.widths, args.batch_size // ranks.world) if device.type == 'cpu' else 0))
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
     torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // ranks.local_world))
     load_at_start = os.getloadavg()
     dataset = load_data(args, device)
-    run_dir = cli.make_run_dir(args.save_dir, args.run_name, 'train_cifar_fast', args.overwrite) if ranks.main else None
+    cli.check_batch_size(args.batch_size, len(dataset['train_y']), f"in {args.data_dir}")
     if ranks.main:
         print(f"{dataset['name']}: training on {len(dataset['train_x'])} images, testing on {len(dataset['test_x'])}; "
               f"{ranks.world} process(es), {torch.get_num_threads()} thread(s) each, {device}, {args.precision}, "
               f"{args.optimizer}; load average {load_at_start[0]:.2f}")
-    config = vars(args) | {'world_size': ranks.world, 'threads_per_process': torch.get_num_threads(),
-                           'device': str(device), 'torch': torch.__version__}
-    results = {'script': 'train_cifar_fast.py', 'config': config, 'data': dataset['name'],
-               'load_average_at_start': load_at_start, 'runs': []}
-    for seed in range(args.seed, args.seed + args.seeds):
-        run = train(args, dataset, seed, device, ranks)
-        if ranks.main:
-            checkpoint.save_torch(os.path.join(run_dir, f'model_seed{seed}.pt'), run.pop('state_dict'))
-            results['runs'].append(run)
-            results['summary'] = summarise(results['runs'])
-            results['load_average_at_end'] = os.getloadavg()
-            cli.write_json(os.path.join(run_dir, 'results.json'), results)
-            plot_time_to_accuracy(os.path.join(run_dir, 'time_to_accuracy.png'),
-                                  {f"seed {r['seed']}": r['history'] for r in results['runs']}, TARGETS,
-                                  title=f"{dataset['name']}: FastNet {'/'.join(map(str, args.widths))}, "
-                                        f"{args.optimizer}, {device.type}")
-            print_run(run, dataset['name'])
+    train = trainer(args, dataset, args.seed, device, ranks)  # before the folder: a budget the warm-up uses up leaves none
+    with cli.run_folder(args, SCRIPT, argv, resumable=False) if ranks.main else contextlib.nullcontext() as run_dir:
+        config = vars(args) | {'world_size': ranks.world, 'threads_per_process': torch.get_num_threads(),
+                               'device': str(device)}
+        results = {'script': f'{SCRIPT}.py', 'config': config, 'machine': cli.machine(), 'data': dataset['name'],
+                   'load_average_at_start': load_at_start, 'runs': []}
+        for seed in range(args.seed, args.seed + args.seeds):
+            if seed != args.seed:
+                train = trainer(args, dataset, seed, device, ranks)
+            run = train()
+            if ranks.main:
+                checkpoint.save_torch(os.path.join(run_dir, f'model_seed{seed}.pt'), run.pop('state_dict'))
+                results['runs'].append(run)
+                results['test'] = results['runs'][0]['test']  # the model of --seed, as a run of that seed alone has it
+                results['summary'] = summarise(results['runs'])
+                results['load_average_at_end'] = os.getloadavg()
+                cli.write_json(os.path.join(run_dir, 'results.json'), results)
+                plot_time_to_accuracy(os.path.join(run_dir, 'time_to_accuracy.png'),
+                                      {f"seed {r['seed']}": r['history'] for r in results['runs']}, TARGETS,
+                                      title=f"{dataset['name']}: FastNet {'/'.join(map(str, args.widths))}, "
+                                            f"{args.optimizer}, {device.type}")
+                print_run(run, dataset['name'])
     if ranks.main:
         s = results['summary']
         print(f"{dataset['name']}: test accuracy {s['test_accuracy_mean']:.2%} +- {s['test_accuracy_std']:.2%} "

@@ -61,8 +61,8 @@ def test_the_report_answers_every_question_with_its_figures(lab_run):
     steps = lab.STEPS + lab.EXTENDED
     for step in steps:  # and the steps' output
         assert os.path.isfile(os.path.join(root, 'published', f'{step.name}.log')), step.name
-    for path in ('check_grads.json', 'task1/results.json', 'task2/sweep.json', 'task3/log.csv', 'bonus/compare.json',
-                 'bonus_tune/tune.json'):  # and the files the report read, from which the README takes numbers
+    for path in ('check_grads.json', 'task1/results.json', 'task2/sweep.json', 'task2/wd_0.01/results.json',
+                 'task3/log.csv', 'task4_seed43/config.json', 'bonus/compare.json', 'bonus_tune/tune.json', 'steps.json'):  # and the files the report read, from which the README takes numbers
         assert os.path.isfile(os.path.join(root, 'published', path)), path
     done = json.load(open(os.path.join(save_dir, 'steps.json')))
     assert list(done) == [step.name for step in steps]

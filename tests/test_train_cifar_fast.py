@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import cli
 import data
 import metrics
+import readback
 from conftest import ROOT, truncate
 from distributed import Distributed
 from train_cifar_fast import (EMA_EVERY, Clock, FastNet, Schedule, TTAModel, augment, autocast_for,
@@ -178,14 +179,21 @@ def test_run_writes_results_and_its_model_reproduces_the_reported_accuracy(optim
     results = json.loads((run_dir / 'results.json').read_text())
     run = results['runs'][0]
     assert results['data'] == 'CIFAR-10 (JPEG stand-in)'  # not the published files
-    assert results['config']['optimizer'] == optimizer and np.isfinite(run['test_loss'])
+    assert results['config']['optimizer'] == optimizer and np.isfinite(run['test']['loss'])
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert config['script'] == 'train_cifar_fast.py' and config['args']['optimizer'] == optimizer
+    assert results['machine']['cores'] >= 1 and results['machine']['torch'] == torch.__version__
+    assert results['test'] == run['test']  # the model of --seed, in the shape of every training script's 'test'
+    assert set(run['test']) == {'loss', 'accuracy', 'macro_precision', 'macro_recall', 'precision', 'recall',
+                                'confusion'}
+    assert list(run['test']['recall']) == data.CIFAR_CLASSES
     assert len(results['load_average_at_start']) == 3 and len(results['load_average_at_end']) == 3
     assert len(run['load_average_at_start']) == 3 and len(run['load_average_at_end']) == 3
     steps_per_epoch = 200 // 16 + 1  # 150 training + 50 validation images, trained on too
     assert run['steps'] == 2 * steps_per_epoch and run['history']['step'] == [steps_per_epoch, 2 * steps_per_epoch]
     assert run['history']['seconds'][0] < run['history']['seconds'][1] == run['train_seconds']
     assert set(run['seconds_to_accuracy']) == {'85%', '90%', '94%'}
-    assert run['test_accuracy'] == run['history']['test_acc'][-1] == results['summary']['test_accuracy_mean']
+    assert run['test']['accuracy'] == run['history']['test_acc'][-1] == results['summary']['test_accuracy_mean']
     assert run['budget_seconds'] == pytest.approx(run['warmup_seconds'] + run['train_seconds'] + run['final_eval_seconds'])
 
     state = torch.load(run_dir / 'model_seed42.pt', weights_only=True)
@@ -197,8 +205,8 @@ def test_run_writes_results_and_its_model_reproduces_the_reported_accuracy(optim
     scores = metrics.evaluate(TTAModel(model, 1, autocast_for(torch.device('cpu'), 'bf16')),
                               torch.from_numpy(prepared['test_x']),
                               torch.from_numpy(prepared['test_y']))
-    assert scores['accuracy'] == run['test_accuracy']
-    np.testing.assert_array_equal(scores['confusion'], run['test_confusion'])
+    assert scores['accuracy'] == run['test']['accuracy']
+    np.testing.assert_array_equal(scores['confusion'], run['test']['confusion'])
 
 
 @pytest.mark.parametrize('bad, message', [(['--widths', '8,16'], 'three'), (['--widths', 'a,b,c'], 'three'),
@@ -210,6 +218,39 @@ def test_bad_options_are_one_line_errors(bad, message, capsys):
         parse_args(bad)
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--batch-size', '50001'], '--batch-size 50001 is larger than the 50000 training images of CIFAR-10'),
+    (['--batch-size', '46000', '--holdout'],
+     '--batch-size 46000 is larger than the 45000 training images that --holdout leaves of CIFAR-10'),
+    (['--batch-size', '300', '--limit', '200'], '--batch-size 300 is larger than the 200 training images left by --limit'),
+    (['--valid-size', '50000'], '--valid-size 50000 leaves no CIFAR-10 training images'),
+    (['--threads', '4096'], '--threads 4096 is more than the '),
+    (['--seed', str(2 ** 32 - 2), '--seeds', '3'],
+     f'--seed {2 ** 32 - 2} with --seeds 3 goes past the largest seed, 2**32 - 1'),
+    (['--device', 'cpu', '--widths', '1024,1024,1024', '--batch-size', '40000'],
+     'CIFAR-10 with --batch-size 40000 needs about'),
+])
+def test_an_impossible_run_is_one_line_before_any_data_or_folder(tmp_path, flags, message):
+    result = _run('--data-dir', str(tmp_path / 'no-data'), '--save-dir', str(tmp_path / 'runs'), *flags)
+    assert result.returncode == 2 and result.stderr.startswith(f'error: {message}'), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'no-data').exists() and not (tmp_path / 'runs').exists()
+
+
+def test_the_last_seed_may_be_the_largest():
+    assert parse_args(['--seed', str(2 ** 32 - 3), '--seeds', '3']).seeds == 3
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--time-budget', '0.01'], '--time-budget 0.01 s is used up by the warm-up'),
+    (['--batch-size', '256'], '--batch-size 256 is larger than the 200 training images in '),
+])
+def test_what_only_the_data_can_tell_is_one_line_before_the_run_folder(synthetic_cifar, tmp_path, flags, message):
+    result = _run('--data-dir', synthetic_cifar, '--save-dir', str(tmp_path / 'runs'), *TINY, *flags)  # flags last: they win
+    assert result.returncode == 2 and result.stderr.startswith(f'error: {message}'), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'runs').exists()
 
 
 def test_fp16_on_the_cpu_is_a_one_line_error(tmp_path):
@@ -245,13 +286,17 @@ def test_torchrun_two_processes_end_with_identical_weights(synthetic_cifar, tmp_
     assert state_sha256(state) == rank0['ema_sha256']
 
 
-def test_bench_prints_speeds_and_plots_given_runs(tmp_path):
+def _fast_results():
+    """What the bench reads of a train_cifar_fast.py results.json."""
     history = {'seconds': [10.0, 20.0], 'test_acc': [0.8, 0.9], 'train_loss': [1.2, 1.0]}
-    run = {'seed': 0, 'history': history, 'test_accuracy': 0.9, 'train_seconds': 20.0,
+    run = {'seed': 0, 'history': history, 'test': {'accuracy': 0.9}, 'train_seconds': 20.0,
            'seconds_to_accuracy': {'85%': 20.0, '90%': 20.0, '94%': None}}
+    return {'script': 'train_cifar_fast.py', 'data': 'CIFAR-10 (JPEG stand-in)', 'runs': [run], 'summary': {}}
+
+
+def test_bench_prints_speeds_and_plots_given_runs(tmp_path):
     (tmp_path / 'a').mkdir()
-    (tmp_path / 'a' / 'results.json').write_text(json.dumps(
-        {'script': 'train_cifar_fast.py', 'data': 'CIFAR-10 (JPEG stand-in)', 'runs': [run], 'summary': {}}))
+    (tmp_path / 'a' / 'results.json').write_text(json.dumps(_fast_results()))
     bench = os.path.join(ROOT, 'bench_cifar.py')
     common = ['--device', 'cpu', '--widths', '8,8,8', '--batch-size', '16', '--images', '50', '--rounds', '1',
               '--precision', 'fp32', '--optimizer', 'sgd', 'muon', '--threads', '1', '--save-dir', str(tmp_path)]
@@ -264,5 +309,60 @@ def test_bench_prints_speeds_and_plots_given_runs(tmp_path):
     assert list(speeds) == ['lab ConvNet, batch 50, fp32, sgd', 'FastNet 8/8/8, batch 16, fp32, sgd',
                             'FastNet 8/8/8, batch 16, fp32, muon']
     assert all(s['images_per_second'] > 0 and s['training_gflops_per_image'] > 0 for s in speeds.values())
-    missing = subprocess.run([sys.executable, bench, str(tmp_path / 'nothing'), *common], capture_output=True, text=True)
-    assert missing.returncode == 2 and 'not a train_cifar_fast.py run' in missing.stderr
+    config = json.loads((tmp_path / 'b' / 'config.json').read_text())
+    assert config['script'] == 'bench_cifar.py' and config['args']['rounds'] == 1
+    assert json.loads((tmp_path / 'b' / 'results.json').read_text())['machine']['cores'] >= 1
+    missing = subprocess.run([sys.executable, bench, str(tmp_path / 'nothing'), *common, '--run-name', 'c'],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr == f"error: {tmp_path / 'nothing'}: cannot read (No such file or " \
+                                                        "directory)\n"
+    assert not (tmp_path / 'c').exists()
+
+
+def _set(path, value):
+    """A function that sets the item at `path` (a tuple of keys) of the results to `value`."""
+    def tamper(results):
+        *parents, last = path
+        for key in parents:
+            results = results[key]
+        results[last] = value
+    return tamper
+
+
+@pytest.mark.parametrize('tamper, message', [
+    (_set(('script',), 'train_cifar.py'), "not a train_cifar_fast.py run's results but those of 'train_cifar.py'"),
+    (_set(('runs', 0, 'test', 'accuracy'), 'high'), 'runs[0].test.accuracy is a str, not a finite number in [0, 1]'),
+    (_set(('runs', 0, 'history', 'seconds'), [10.0]), 'the history of seed 0 has lists of different lengths'),
+    (_set(('runs', 0, 'seconds_to_accuracy', '90%'), '20 s'), "runs[0].seconds_to_accuracy.90% is a str"),
+    (_set(('runs', 0, 'history', 'train_loss'), [1.2, [1.0]]), 'runs[0].history.train_loss[1] is a list'),
+    (lambda results: results['runs'][0].pop('history'), "no 'history' in runs[0]"),
+])
+def test_bench_refuses_a_results_file_it_cannot_use_in_one_line(tmp_path, tamper, message):
+    import bench_cifar
+    results = _fast_results()
+    tamper(results)
+    path = tmp_path / 'results.json'
+    path.write_text(json.dumps(results))
+    with pytest.raises(readback.ReadBackError) as error:
+        bench_cifar.read_run(str(tmp_path))
+    assert str(error.value).startswith(f'{path}: ') and message in str(error.value) and '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda path: path.write_text('{"script": "train_cifar_fast.py", '), 'not valid JSON'),
+    (lambda path: path.write_text('[' * 100 + ']' * 100), 'nested more than'),
+    (lambda path: os.mkfifo(path), 'not a regular file'),  # open() would wait for a writer forever
+])
+def test_bench_reads_a_broken_results_file_as_one_line(tmp_path, make, message):
+    import bench_cifar
+    path = tmp_path / 'results.json'
+    make(path)
+    with pytest.raises(readback.ReadBackError, match=message):
+        bench_cifar.read_run(str(path))
+
+
+def test_bench_threads_beyond_the_cpus_are_one_line_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench_cifar.py'), '--threads', '4096',
+                             '--save-dir', str(tmp_path / 'runs')], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.startswith('error: --threads 4096 is more than the ')
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'runs').exists()
