@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
+import hinge_loss
 from hinge_loss import multiclass_hinge_loss
 
 
@@ -69,7 +70,7 @@ def test_compare_trains_both_losses_from_the_same_start_and_writes_the_compariso
     run_dir = tmp_path / 'cmp'
     assert {'compare.md', 'compare.json', 'compare.png', 'hinge', 'cross-entropy'} <= set(os.listdir(run_dir))
     hinge, ce = (json.loads((run_dir / name / 'results.json').read_text()) for name in ('hinge', 'cross-entropy'))
-    assert (hinge['loss'], hinge['config']['lr']) == ('Multiclass hinge loss', 0.01)
+    assert (hinge['loss'], hinge['config']['lr']) == ('Multiclass hinge loss', hinge_loss.HINGE_LR)
     assert (ce['loss'], ce['config']['lr']) == ('Cross-entropy loss', 0.1)
     # the same seed: the same initial filters, the same data
     first_filters = 'conv1_epoch_00_step_000000.png'
