@@ -95,10 +95,10 @@ def lab_step(model, device):
 def fast_step(model, batch_size, optimizer, precision, device):
     """One step of train_cifar_fast.py's FastNet on random images, as a closure; the learning rates are a
     hundredth of the preset's, so that the random labels cannot make the weights blow up mid-benchmark."""
-    args = argparse.Namespace(**PRESETS['cpu'] | {'optimizer': optimizer})
+    args = argparse.Namespace(**PRESETS['cpu'] | {'optimizer': optimizer, 'batch_size': batch_size})
     model = model.to(device, memory_format=torch.channels_last)
     optimizers = make_optimizers(model, args)
-    set_lr(optimizers, 0.01)
+    set_lr(optimizers, 0.99, warmup=0.0)  # 1% of the way before the end: a hundredth of the peak lrs
     step = make_train_step(model, optimizers, autocast_for(device, precision), precision, label_smoothing=0.2)
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)

@@ -1,12 +1,12 @@
 """muon.py: the Newton-Schulz orthogonalisation against the SVD, and train_cifar_fast.py's Muon + SGD steps
-against a plain loop over the parameters that applies the update rules as written."""
+(and SGD alone) against a plain loop over the parameters that applies the update rules as written."""
 import argparse
 
 import pytest
 import torch
 
 import muon
-from train_cifar_fast import FastNet, make_optimizers
+from train_cifar_fast import NEWTON_SCHULZ_STEPS, FastNet, make_optimizers
 
 
 def reference_orthogonalize(matrix, steps=5):
@@ -43,12 +43,13 @@ def _set_random_gradients(model, generator):
                 memory_format=torch.channels_last if p.ndim == 4 else torch.contiguous_format)
 
 
-def test_muon_and_sgd_steps_match_a_plain_loop_over_the_parameters():
-    args = argparse.Namespace(optimizer='muon', lr=0.3, momentum=0.85, weight_decay=0.01, muon_lr=0.1,
-                              muon_momentum=0.8)
+@pytest.mark.parametrize('optimizer', ['muon', 'sgd'])
+def test_muon_and_sgd_steps_match_a_plain_loop_over_the_parameters(optimizer):
+    args = argparse.Namespace(optimizer=optimizer, lr=0.02, head_lr=0.3, bias_lr=0.05, momentum=0.85,
+                              weight_decay=1e-3, batch_size=10, muon_lr=0.1, muon_momentum=0.8)
     model = FastNet((4, 8, 8)).to(memory_format=torch.channels_last)  # the memory layout of training
     optimizers = make_optimizers(model, args)
-    assert [type(o) for o in optimizers] == [torch.optim.SGD, muon.Muon]
+    assert [type(o) for o in optimizers] == [torch.optim.SGD] + ([muon.Muon] if optimizer == 'muon' else [])
     expected = {name: p.detach().double().clone() for name, p in model.named_parameters()}
     buffers = {name: torch.zeros_like(p) for name, p in expected.items()}
     generator = torch.Generator().manual_seed(0)
@@ -58,23 +59,23 @@ def test_muon_and_sgd_steps_match_a_plain_loop_over_the_parameters():
             if not p.requires_grad:
                 continue
             w, g = expected[name], p.grad.double()
-            if p.ndim == 4:  # Muon: Nesterov momentum, normalised weight, orthogonalised update
+            if p.ndim == 4 and optimizer == 'muon':  # Nesterov momentum, normalised weight, orthogonalised update
                 buffers[name] = args.muon_momentum * buffers[name] + g
                 update = g + args.muon_momentum * buffers[name]
                 rows, cols = p.shape[0], p[0].numel()
                 w = w * rows ** 0.5 / w.norm()
-                step = reference_orthogonalize(update.reshape(rows, cols)).reshape(p.shape)
+                step = reference_orthogonalize(update.reshape(rows, cols), NEWTON_SCHULZ_STEPS).reshape(p.shape)
                 expected[name] = w - args.muon_lr * max(1, rows / cols) ** 0.5 * step
-            else:  # Nesterov SGD, weight decay on matrices only (the head)
-                if p.ndim > 1:
-                    g = g + args.weight_decay * w
+            else:  # Nesterov SGD; weight decay per image, so per step that of the batch, at every lr alike
+                lr = {4: args.lr, 2: args.head_lr, 1: args.bias_lr}[p.ndim]
+                g = g + args.weight_decay * args.batch_size / lr * w
                 buffers[name] = args.momentum * buffers[name] + g
-                expected[name] = w - args.lr * (g + args.momentum * buffers[name])
-        for optimizer in optimizers:
-            optimizer.step()
+                expected[name] = w - lr * (g + args.momentum * buffers[name])
+        for o in optimizers:
+            o.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach().double(), expected[name], rtol=1e-4, atol=1e-5,
-                                   msg=lambda message: f'{name}: {message}')  # the frozen whitening too
+                                   msg=lambda message: f'{name}: {message}')  # the frozen whitening and BN scales too
 
 
 @pytest.mark.parametrize('shape', [(16, 8, 3, 3), (40, 4, 1, 1)])  # wide (16 x 72) and tall (40 x 4) filter banks

@@ -22,8 +22,9 @@ import metrics
 import readback
 from conftest import ROOT, truncate
 from distributed import Distributed
-from train_cifar_fast import (EMA_EVERY, Clock, FastNet, Schedule, TTAModel, augment, autocast_for,
-                              one_cycle, parse_args, shift, shuffled_batches, state_sha256, update_ema)
+from train_cifar_fast import (EMA_EVERY, WHITEN_BIAS_STEPS, Clock, FastNet, Schedule, TTAModel, alternating_flips,
+                              augment, autocast_for, make_optimizers, one_cycle, parse_args, set_lr, shift,
+                              shuffled_batches, state_sha256, update_ema)
 
 SCRIPT = os.path.join(ROOT, 'train_cifar_fast.py')
 TINY = ['--device', 'cpu', '--widths', '8,16,16', '--batch-size', '16', '--valid-size', '50', '--tta', '1',
@@ -34,18 +35,25 @@ def _images(n=64, seed=0):
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def test_flip_is_a_mirror_image_of_about_half_the_images():
+def test_flip_mirrors_exactly_the_images_it_is_told_to():
     x = _images()
-    out = augment(x, torch.Generator().manual_seed(1), translate=0)
-    flipped = torch.tensor([torch.equal(o, xi.flip(2)) for o, xi in zip(out, x)])
-    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
-    assert torch.all(flipped ^ kept)
-    assert 16 < flipped.sum() < 48
+    mirrored = torch.arange(len(x)) % 3 == 0
+    out = augment(x, torch.Generator().manual_seed(1), translate=0, mirrored=mirrored)
+    for o, xi, m in zip(out, x, mirrored):
+        assert torch.equal(o, xi.flip(2) if m else xi)
+
+
+def test_alternating_flips_show_every_image_both_ways_over_two_epochs():
+    flips = alternating_flips(1000, seed=0, device='cpu')
+    assert 400 < flips(0).sum() < 600
+    assert torch.equal(flips(1), ~flips(0)) and torch.equal(flips(2), flips(0)) and torch.equal(flips(3), flips(1))
+    assert torch.equal(alternating_flips(1000, seed=0, device='cpu')(0), flips(0))  # drawn from the seed
+    assert not torch.equal(alternating_flips(1000, seed=1, device='cpu')(0), flips(0))
 
 
 def test_translation_cuts_every_image_out_of_its_reflect_padded_copy():
     x, pad = _images(), 2
-    out = augment(x, torch.Generator().manual_seed(2), translate=pad, flip=False)
+    out = augment(x, torch.Generator().manual_seed(2), translate=pad)
     assert out.shape == x.shape
     padded = F.pad(x, (pad,) * 4, mode='reflect')
     offsets = []
@@ -70,15 +78,19 @@ def test_shift_moves_the_image():
     assert torch.equal(shift(x, -1, -1)[:, :, :-1, :-1], x[:, :, 1:, 1:])
 
 
-def test_tta_averages_the_logits_of_the_views():
+def test_tta_weights_the_logits_of_the_views_as_augmentation_would_draw_them():
     model = FastNet((8, 8, 8)).eval()
     x = torch.randn(4, 3, 32, 32)
-    views = {0: [x], 1: [x, x.flip(3)], 2: [x, x.flip(3), shift(x, -1, -1), shift(x.flip(3), 1, 1)]}
     with torch.no_grad():
-        for level, images in views.items():
-            expected = torch.stack([model(v) for v in images]).mean(dim=0)
-            got = TTAModel(model, level, contextlib.nullcontext)(x)
-            torch.testing.assert_close(got, expected)
+        logits = {view: model(image) for view, image in
+                  {'x': x, 'mirror': x.flip(3), 'up-left': shift(x, -1, -1), 'up-left mirror': shift(x, -1, -1).flip(3),
+                   'down-right': shift(x, 1, 1), 'down-right mirror': shift(x, 1, 1).flip(3)}.items()}
+        weights = {0: {'x': 1}, 1: {'x': 1 / 2, 'mirror': 1 / 2},
+                   2: {'x': 1 / 4, 'mirror': 1 / 4, 'up-left': 1 / 8, 'up-left mirror': 1 / 8, 'down-right': 1 / 8,
+                       'down-right mirror': 1 / 8}}
+        for level, weight in weights.items():
+            expected = sum(w * logits[view] for view, w in weight.items())
+            torch.testing.assert_close(TTAModel(model, level, contextlib.nullcontext)(x), expected)
 
 
 def test_whitening_decorrelates_the_patches():
@@ -108,11 +120,28 @@ def test_one_cycle_schedule():
 
 
 def test_presets_fill_only_what_is_not_given():
-    args = parse_args(['--preset', 'gpu', '--lr', '0.3', '--optimizer', 'muon'])
-    assert args.widths == (64, 256, 256) and args.batch_size == 1024 and args.lr == 0.3
-    assert args.optimizer == 'muon' and args.muon_lr > 0 and 0 < args.muon_momentum < 1
+    args = parse_args(['--preset', 'gpu', '--head-lr', '0.3', '--optimizer', 'sgd'])
+    assert args.widths == (64, 256, 256) and args.batch_size == 2000 and args.epochs == 10 and args.head_lr == 0.3
+    assert args.optimizer == 'sgd' and args.muon_lr == 0.24 and args.muon_momentum == 0.6
     defaults = parse_args([])
-    assert defaults.widths == (64, 128, 256) and defaults.seed == 42 and defaults.label_smoothing == 0.2
+    assert defaults.widths == (64, 256, 256) and defaults.batch_size == 500 and defaults.epochs == 7
+    assert defaults.optimizer == 'muon' and defaults.muon_lr == 0.06 and defaults.muon_momentum == 0.8
+    assert defaults.seed == 42 and defaults.label_smoothing == 0.2 and defaults.warmup == 0 and defaults.ema == 0
+
+
+def test_the_whitening_bias_stops_training_early_and_every_lr_reaches_zero_at_the_end():
+    args = parse_args([])
+    optimizers = make_optimizers(FastNet((8, 8, 8)), args)
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    whiten = next(group for group in groups if group['horizon'] != 1)
+    assert whiten['horizon'] == WHITEN_BIAS_STEPS and len(whiten['params']) == 1
+    set_lr(optimizers, WHITEN_BIAS_STEPS / 2, args.warmup)
+    assert whiten['lr'] == pytest.approx(whiten['peak_lr'] / 2)
+    assert all(g['lr'] == pytest.approx(g['peak_lr'] * (1 - WHITEN_BIAS_STEPS / 2)) for g in groups if g is not whiten)
+    set_lr(optimizers, (1 + WHITEN_BIAS_STEPS) / 2, args.warmup)
+    assert whiten['lr'] == 0 and all(g['lr'] > 0 for g in groups if g is not whiten)
+    set_lr(optimizers, 1.0, args.warmup)
+    assert all(g['lr'] == 0 for g in groups)
 
 
 def _budget_schedule(budget, clock):
@@ -157,7 +186,9 @@ def test_each_process_takes_a_disjoint_shard_of_every_epoch():
     epochs = {rank: [] for rank in range(2)}
     for rank in epochs:
         batches = shuffled_batches(11, 2, types.SimpleNamespace(world=2, rank=rank), seed=0, device='cpu')
-        epochs[rank] = [torch.cat([next(batches) for _ in range(3)]) for _ in range(2)]  # 5 images: 2 + 2 + 1
+        epochs[rank] = [[next(batches) for _ in range(3)] for _ in range(2)]  # 5 images: 2 + 2 + 1
+        assert [epoch for batches_of_epoch in epochs[rank] for epoch, _ in batches_of_epoch] == [0, 0, 0, 1, 1, 1]
+        epochs[rank] = [torch.cat([indices for _, indices in batches_of_epoch]) for batches_of_epoch in epochs[rank]]
     for epoch in range(2):
         shard0, shard1 = epochs[0][epoch], epochs[1][epoch]
         assert len(shard0) == len(shard1) == 5
