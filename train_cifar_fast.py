@@ -21,8 +21,8 @@ written here from scratch:
   - test-time augmentation: the logits averaged over the image and its mirror image, and with --tta 2 over
     both shifted by one pixel too (6 views, weighted as the training augmentation would draw them);
   - channels_last memory, and bfloat16 autocast where the hardware computes in bfloat16 (GPUs, CPUs with
-    AVX-512 BF16 or AMX: about 2x the speed of float32 there); elsewhere float32, because bfloat16 would be
-    emulated and several times slower (bench_cifar.py measures both);
+    AVX-512 BF16 or AMX: faster than float32 there; the README has both on one such CPU); elsewhere float32,
+    because bfloat16 would be emulated and several times slower (bench_cifar.py measures both);
   - --ema evaluates an exponential moving average of the weights instead (off by default, as in airbench94_muon).
 Shapes per image: 3x32x32 -> whiten 24x31x31 -> block1 w1x15x15 -> block2 w2x7x7 -> block3 w3x3x3 -> max w3 -> 10.
 
@@ -41,12 +41,12 @@ statistics are averaged across processes before every evaluation, and process 0 
 
 Writes into <save-dir>/<run-name>/:
     config.json             the script and its command line
-    results.json            config, machine, load average, per-evaluation (seconds, test accuracy) points, time
-                            to 85/90/94% test accuracy, final test scores (metrics.summary's 'test', as every
-                            training script's results.json has it); one entry per seed under 'runs', 'test' of
-                            the model of --seed, and a summary over the seeds
+    results.json            config, machine, load average, per-evaluation (epoch, seconds, test accuracy) points,
+                            epochs and seconds to 85/90/94% test accuracy, final test scores (metrics.summary's
+                            'test', as every training script's results.json has it); one entry per seed under
+                            'runs', 'test' of the model of --seed, and a summary over the seeds
     time_to_accuracy.png    test accuracy and training loss against training seconds, one line per seed
-    model_seed<S>.pt        state_dict of the evaluated (EMA) model of each seed
+    model_seed<S>.pt        state_dict of the evaluated model of each seed (the EMA with --ema)
 """
 import argparse
 import contextlib
@@ -98,10 +98,11 @@ TARGETS = (0.85, 0.90, 0.94)  # test accuracies whose first training second is r
 # for 10 epochs instead of 8: widths 64/256/256, batch 2000, the loss summed over the batch (so SGD's learning
 # rates are per image and hold at any batch size), Muon lr 0.24 and momentum 0.6 for the filter banks, Nesterov SGD
 # with momentum 0.85 for the rest: the head at lr 0.67, the whitening and BN biases at 0.053, weight decay 2e-6 per
-# image; no warm-up, a linear decay to 0. The CPU preset is the same at batch 500 for 7 epochs: on the CPU a
-# smaller batch costs no speed and gains accuracy per epoch (a 64/128/256 net, 7 epochs, seed 42: 89.05% at
-# batch 2000, 89.69% at 500). Muon's lr follows the batch (the same total step per epoch) and 1 - momentum its
-# square root (the momentum averages over more steps, fewer images, as the batch shrinks): at 500, 0.06 and 0.8.
+# image; no warm-up, a linear decay to 0. The CPU preset is the same net at batch 500 for 7 epochs: four times
+# the steps per epoch (one-seed probes of a 64/128/256 net for 7 epochs on the JPEG stand-in: 89.05% at batch
+# 2000, 89.69% at 500, 89.17% at 250). Muon's lr follows the batch (the same total step per epoch) and
+# 1 - momentum its square root (the momentum averages over more steps, fewer images, as the batch shrinks): at
+# batch 500, 0.06 and 0.8.
 # --optimizer sgd trains the filter banks with SGD at --lr (airbench94's filter lr, per image) instead.
 PRESETS = {
     'cpu': dict(widths=(64, 256, 256), batch_size=500, optimizer='muon', lr=1.5e-3, head_lr=0.67, bias_lr=0.053,
@@ -141,7 +142,8 @@ def make_parser():
                         help='sgd: Nesterov SGD for everything; muon: Muon for the conv filter banks, SGD for the rest')
     parser.add_argument('--lr', type=cli.positive_float,
                         help="SGD's peak learning rate per image of the filter banks (--optimizer sgd)")
-    parser.add_argument('--head-lr', type=cli.positive_float, help="SGD's peak learning rate per image of the linear head")
+    parser.add_argument('--head-lr', type=cli.positive_float,
+                        help="SGD's peak learning rate per image of the linear head")
     parser.add_argument('--bias-lr', type=cli.positive_float,
                         help="SGD's peak learning rate per image of the whitening and batch-norm biases")
     parser.add_argument('--momentum', type=cli.non_negative_float, help="SGD's Nesterov momentum")
@@ -659,7 +661,7 @@ def trainer(args, dataset, seed, device, ranks):
             return round(clock.seconds()) if args.time_budget else step
 
         def evaluate_now(step, losses, evaluated):
-            """Evaluates the EMA model on process 0 (BN statistics averaged over the processes first)."""
+            """Scores `evaluated` on process 0 (BN statistics averaged over the processes first)."""
             nonlocal bar
             if bar is not None:
                 bar.close()

@@ -188,9 +188,74 @@ def check_solution_claims():
     return [f"gets ok on all {len(own['items'])} items"] if all(i['verdict'] == 'ok' for i in own['items']) else []
 
 
+FAST_RUNS = [  # README label, docs/fast_cifar folder, the command that made it (docs/fast_cifar/make_runs.sh)
+    ('cpu, 600-s budget', 'cpu_budget600', 'python train_cifar_fast.py --data-dir data --time-budget 600 --seeds 3'),
+    ('cpu', 'cpu', 'python train_cifar_fast.py --data-dir data'),
+    ('cpu', 'cpu_fp32', 'python train_cifar_fast.py --data-dir data --precision fp32'),
+    ('gpu, on the CPU', 'gpu_on_cpu', 'python train_cifar_fast.py --data-dir data --preset gpu --device cpu'),
+]
+
+
+def fast_results():
+    return [(label, load('fast_cifar', folder, 'results.json'), command) for label, folder, command in FAST_RUNS]
+
+
+def fast_machine_claim():
+    runs = fast_results()
+    machines = [r['machine'] for _, r, _ in runs]
+    assert {(m['git_commit'], m['git_dirty']) for m in machines} == {(machines[0]['git_commit'], False)}, \
+        'the fast runs ran from one commit, with no uncommitted change'
+    assert {r['data'] for _, r, _ in runs} == {'CIFAR-10 (JPEG stand-in)'}
+    machine, loads = machines[0], [run['load_average_at_start'][0] for _, r, _ in runs for run in r['runs']]
+    return (f"{machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['cores']} cores, "
+            f"torch {machine['torch']}, commit `{machine['git_commit'][:7]}`; 1-minute load average {min(loads):.1f} to {max(loads):.1f} when "
+            f"each model's training started")
+
+
+def accuracy(runs):
+    values = [run['test']['accuracy'] for run in runs]
+    return lab.mean_std(values) if len(values) > 1 else percent(values[0])
+
+
+def fast_table():
+    header = ['| preset | command | precision | seeds | epochs | test accuracy | img/s | training s | whole run s | '
+              's (epochs) to 90%, mean |', '|---|---|---|---|---:|---:|---:|---:|---:|---:|']
+    rows = []
+    for label, r, command in fast_results():
+        runs, s = r['runs'], r['summary']
+        seconds, epochs = ([run[key]['90%'] for run in runs] for key in ('seconds_to_accuracy', 'epochs_to_accuracy'))
+        reached = None not in seconds
+        rows.append(f"| {label} | `{command}` | {r['config']['precision']} | {', '.join(map(str, s['seeds']))} | "
+                    f"{s['epochs_mean']:.2f} | "
+                    f"**{accuracy(runs)}** | {s['images_per_second_mean']:.0f} | {s['train_seconds_mean']:.0f} | "
+                    f"{sum(run['budget_seconds'] for run in runs) / len(runs):.0f} | "
+                    f"{f'{sum(seconds) / len(runs):.0f} ({sum(epochs) / len(runs):.2f})' if reached else '-'} |")
+    return '\n'.join(header + rows)
+
+
+def fast_epoch_table():
+    """The mean test accuracy after each epoch of the runs with a fixed number of epochs, one column per run."""
+    columns = []
+    for label, r, _ in fast_results():
+        if r['config']['time_budget']:
+            continue  # a budgeted schedule's last evaluation falls at a different epoch for every seed
+        curves = [run['history'] for run in r['runs']]
+        assert all(c['epoch'] == curves[0]['epoch'] for c in curves)
+        means = [sum(c['test_acc'][i] for c in curves) / len(curves) for i in range(len(curves[0]['epoch']))]
+        columns.append((f"{label}, {r['config']['precision']}", dict(zip(curves[0]['epoch'][:-1], means[:-1])),
+                        means[-1]))
+    epochs = sorted({epoch for _, along, _ in columns for epoch in along})
+    lines = ['| epoch | ' + ' | '.join(label for label, _, _ in columns) + ' |',
+             '|---' + '|---:' * len(columns) + '|']
+    lines += [f'| {epoch:g} | ' + ' | '.join(percent(along[epoch]) if epoch in along else '' for _, along, _ in columns)
+              + ' |' for epoch in epochs]
+    lines.append('| final | ' + ' | '.join(f'**{percent(final)}**' for _, _, final in columns) + ' |')
+    return '\n'.join(lines)
+
+
 def all_claims():
     return [machine_claim(), *mnist_claims(), *cifar_claims(), *bonus_claims(), *wall_time_claims(),
-            *check_solution_claims()]
+            *check_solution_claims(), fast_machine_claim(), fast_table(), fast_epoch_table()]
 
 
 def test_every_claim_is_in_the_readme():
