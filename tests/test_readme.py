@@ -190,7 +190,7 @@ def check_solution_claims():
 
 FAST_RUNS = [  # README label, docs/fast_cifar folder, the command that made it (docs/fast_cifar/make_runs.sh)
     ('cpu, 600-s budget', 'cpu_budget600', 'python train_cifar_fast.py --data-dir data --time-budget 600 --seeds 3'),
-    ('cpu', 'cpu', 'python train_cifar_fast.py --data-dir data'),
+    ('cpu', 'cpu', 'python train_cifar_fast.py --data-dir data --seeds 3'),
     ('cpu', 'cpu_fp32', 'python train_cifar_fast.py --data-dir data --precision fp32'),
     ('gpu, on the CPU', 'gpu_on_cpu', 'python train_cifar_fast.py --data-dir data --preset gpu --device cpu'),
 ]

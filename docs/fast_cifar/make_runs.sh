@@ -17,5 +17,5 @@ run() {
 }
 run cpu_budget600 --time-budget 600 --seeds 3   # the CPU preset, sized to 600 s
 run gpu_on_cpu --preset gpu --device cpu        # the GPU preset's exact schedule, on the CPU
-run cpu                                         # the CPU preset: 7 epochs, bfloat16 where the CPU computes it
+run cpu --seeds 3                               # the CPU preset: 7 epochs, bfloat16 where the CPU computes it
 run cpu_fp32 --precision fp32                   # the same in float32
